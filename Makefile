@@ -1,0 +1,40 @@
+# Front door. Each target sets up what it needs, so any of them works first on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+ORTVENV := .venv-ort
+ORTSTAMP:= $(ORTVENV)/.installed
+CONFIGS ?= tiny small
+STEPS   ?=
+
+.PHONY: all venv artifacts train test parity clean
+
+all: artifacts
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q -e '.[training,test]'
+	touch $@
+
+# Current onnxruntime (>= 1.20) cannot share an environment with onnxruntime-training:
+# the portable `ort` runtime is also tested from this second environment.
+$(ORTSTAMP): pyproject.toml
+	$(PY) -m venv $(ORTVENV)
+	$(ORTVENV)/bin/python -m pip install -q -e '.[ort]'
+	touch $@
+
+venv: $(STAMP)
+
+artifacts: $(STAMP)
+	@for c in $(CONFIGS); do $(VPY) -m graphgen build --config $$c --out artifacts/$$c || exit 1; done
+
+train: $(STAMP)
+	@test -f artifacts/small/manifest.json || $(VPY) -m graphgen build --config small --out artifacts/small
+	$(VPY) -m runtimes train --artifacts artifacts/small --out runs/small $(if $(STEPS),--steps $(STEPS))
+
+test: $(STAMP) $(ORTSTAMP)
+	$(VPY) -m pytest -q
+
+clean:
+	rm -rf artifacts runs .pytest_cache

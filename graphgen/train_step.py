@@ -1,0 +1,106 @@
+"""Assemble the portable ``train_step.onnx``: forward + backward + AdamW in standard ops.
+
+    inputs : <p>... , m.<p>... , v.<p>... , tokens, positions, labels, hp (float32[7])
+    outputs: loss, new.<p>... , new.m.<p>... , new.v.<p>...
+
+The forward model (opset >= 16, default domain only) takes ``tokens``, ``positions``,
+``labels`` and every parameter as graph inputs and outputs the scalar ``loss``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+from onnx import TensorProto, helper
+
+from graphgen.adamw import AdamWSlot, adamw_nodes
+from graphgen.autodiff import AutodiffError, add_gradients
+
+DATA_INPUTS = ("tokens", "positions", "labels")
+IR_VERSION = 10
+
+
+def _check_forward(forward: onnx.ModelProto, param_names: list[str], float32: bool = True) -> onnx.ModelProto:
+    model = copy.deepcopy(forward)
+    g = model.graph
+    names = [i.name for i in g.input]
+    if len(set(param_names)) != len(param_names):
+        raise AutodiffError("param_names has duplicates")
+    missing = [p for p in list(DATA_INPUTS) + list(param_names) if p not in names]
+    if missing:
+        raise AutodiffError(f"forward graph lacks inputs {missing}")
+    extra = [n for n in names if n not in DATA_INPUTS and n not in param_names]
+    if extra:
+        raise AutodiffError(f"forward graph has inputs that are neither data nor parameters: {extra}")
+    if [o.name for o in g.output][:1] != ["loss"]:
+        raise AutodiffError(f"forward graph's first output must be 'loss', got {[o.name for o in g.output]}")
+    domains = {o.domain for o in model.opset_import} | {n.domain for n in g.node}
+    if domains - {"", "ai.onnx"}:
+        raise AutodiffError(f"forward graph uses non-default domains {sorted(domains - {'', 'ai.onnx'})}")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 16:
+        raise AutodiffError(f"forward graph must use opset >= 16 (ScatterND reduction), got {opset}")
+    for p in param_names:
+        vi = next(i for i in g.input if i.name == p)
+        et = vi.type.tensor_type.elem_type
+        if (et != TensorProto.FLOAT) if float32 else (et not in (TensorProto.FLOAT, TensorProto.DOUBLE)):
+            raise AutodiffError(f"parameter {p!r} must be float32{'' if float32 else ' or float64'}")
+    return model
+
+
+def _value_info(src: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    vi = copy.deepcopy(src)
+    vi.name = name
+    return vi
+
+
+def build_grad_model(forward: onnx.ModelProto, param_names: list[str]) -> onnx.ModelProto:
+    """Forward + backward: inputs as the forward's, outputs ``loss`` then ``grad.<p>``.
+    Parameters may be float32 or float64 (float64 is for finite-difference tests)."""
+    model = _check_forward(forward, param_names, float32=False)
+    g = model.graph
+    add_gradients(model, "loss", list(param_names), grad_names={p: f"grad.{p}" for p in param_names})
+    inputs = {i.name: i for i in g.input}
+    loss_vi = copy.deepcopy(g.output[0])
+    del g.output[:]
+    g.output.append(loss_vi)
+    g.output.extend(_value_info(inputs[p], f"grad.{p}") for p in param_names)
+    model.ir_version = IR_VERSION
+    return model
+
+
+def build_train_step(forward: onnx.ModelProto, param_names: list[str], validate: bool = False
+                     ) -> onnx.ModelProto:
+    """The one-graph training step (see the module docstring for its signature).
+
+    ``validate=True`` also runs ``onnx.checker.check_model(full_check=True)``."""
+    model = _check_forward(forward, param_names)
+    g = model.graph
+    param_names = list(param_names)
+    grads = add_gradients(model, "loss", param_names)
+
+    slots = [AdamWSlot(p, grads[p], f"m.{p}", f"v.{p}", f"new.{p}", f"new.m.{p}", f"new.v.{p}")
+             for p in param_names]
+    nodes, inits = adamw_nodes(slots, hp="hp")
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
+
+    inputs = {i.name: copy.deepcopy(i) for i in g.input}
+    del g.input[:]
+    g.input.extend(inputs[p] for p in param_names)
+    g.input.extend(_value_info(inputs[p], f"m.{p}") for p in param_names)
+    g.input.extend(_value_info(inputs[p], f"v.{p}") for p in param_names)
+    g.input.extend(inputs[n] for n in DATA_INPUTS)
+    g.input.append(helper.make_tensor_value_info("hp", TensorProto.FLOAT, [7]))
+
+    loss_vi = copy.deepcopy(g.output[0])
+    del g.output[:]
+    g.output.append(loss_vi)
+    for prefix in ("new.", "new.m.", "new.v."):
+        g.output.extend(_value_info(inputs[p], prefix + p) for p in param_names)
+    g.name = (g.name or "gpt2") + "_train_step"
+    model.ir_version = IR_VERSION
+    if validate:
+        onnx.checker.check_model(model, full_check=True)
+    return model

@@ -1,0 +1,507 @@
+"""Vector-Jacobian-product rules: op_type -> function emitting the backward nodes.
+
+Each rule has the signature ``rule(ctx, node, gouts) -> list`` where ``gouts[k]`` is
+the name of the cotangent of ``node.output[k]`` (or None when nothing downstream
+needs it) and the result holds, per input, the name of that input's cotangent or
+None. Rules only compute the inputs ``ctx.needs(i)`` says are differentiable;
+cotangents of broadcast inputs are summed back to the input's shape with
+``ctx.reduce_to``. Notation: ``g`` is the output cotangent, ``Y`` the forward output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from graphgen.autodiff import Ctx, UnsupportedOpError
+
+RULES: dict = {}
+
+
+def rule(*ops):
+    def deco(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return deco
+
+
+def _unsupported(ctx: Ctx, node, why: str):
+    raise UnsupportedOpError(f"no gradient rule for op {node.op_type} at node {node.name!r}: {why}")
+
+
+# --------------------------------------------------------------------------- elementwise
+
+
+@rule("Identity")
+def vjp_identity(ctx, node, gouts):
+    # Y = X  ->  gX = g
+    return [gouts[0]]
+
+
+@rule("Cast")
+def vjp_cast(ctx, node, gouts):
+    # Y = cast(X) between float types  ->  gX = cast(g) back to X's type
+    x = node.input[0]
+    if ctx.dtype(x) == ctx.dtype(node.output[0]):
+        return [gouts[0]]
+    return [ctx.emit("Cast", [gouts[0]], hint="cast", to=ctx.dtype(x))]
+
+
+@rule("Neg")
+def vjp_neg(ctx, node, gouts):
+    # Y = -X  ->  gX = -g
+    return [ctx.emit("Neg", [gouts[0]])]
+
+
+@rule("Add")
+def vjp_add(ctx, node, gouts):
+    # Y = A + B  ->  gA = unbroadcast(g), gB = unbroadcast(g)
+    g, y = gouts[0], node.output[0]
+    return [ctx.reduce_to(g, node.input[i], y) if ctx.needs(i) else None for i in range(2)]
+
+
+@rule("Sum")
+def vjp_sum(ctx, node, gouts):
+    # Y = X0 + X1 + ...  ->  gXi = unbroadcast(g)
+    g, y = gouts[0], node.output[0]
+    return [ctx.reduce_to(g, x, y) if ctx.needs(i) else None for i, x in enumerate(node.input)]
+
+
+@rule("Sub")
+def vjp_sub(ctx, node, gouts):
+    # Y = A - B  ->  gA = unbroadcast(g), gB = -unbroadcast(g)
+    g, y = gouts[0], node.output[0]
+    ga = ctx.reduce_to(g, node.input[0], y) if ctx.needs(0) else None
+    gb = ctx.emit("Neg", [ctx.reduce_to(g, node.input[1], y)]) if ctx.needs(1) else None
+    return [ga, gb]
+
+
+@rule("Mul")
+def vjp_mul(ctx, node, gouts):
+    # Y = A * B  ->  gA = unbroadcast(g * B), gB = unbroadcast(g * A)
+    g, y = gouts[0], node.output[0]
+    a, b = node.input
+    ga = ctx.reduce_to(ctx.emit("Mul", [g, b]), a, y) if ctx.needs(0) else None
+    gb = ctx.reduce_to(ctx.emit("Mul", [g, a]), b, y) if ctx.needs(1) else None
+    return [ga, gb]
+
+
+@rule("Div")
+def vjp_div(ctx, node, gouts):
+    # Y = A / B  ->  gA = unbroadcast(g / B), gB = -unbroadcast((g / B) * Y)   (dY/dB = -A/B^2 = -Y/B)
+    g, y = gouts[0], node.output[0]
+    a, b = node.input
+    t = ctx.emit("Div", [g, b])
+    ga = ctx.reduce_to(t, a, y) if ctx.needs(0) else None
+    gb = ctx.emit("Neg", [ctx.reduce_to(ctx.emit("Mul", [t, y]), b, y)]) if ctx.needs(1) else None
+    return [ga, gb]
+
+
+@rule("Pow")
+def vjp_pow(ctx, node, gouts):
+    # Y = X ^ p (p not differentiable)  ->  gX = unbroadcast(g * p * X^(p-1))
+    g, y = gouts[0], node.output[0]
+    x, p = node.input
+    if ctx.needs(1):
+        _unsupported(ctx, node, "the exponent depends on a parameter (only constant exponents are supported)")
+    pv = ctx.const_value(p)
+    if pv is not None and pv.size == 1:
+        pf = float(pv.reshape(()))
+        if pf == 1.0:
+            d = None
+        elif pf == 2.0:
+            d = ctx.emit("Mul", [x, ctx.scalar(2.0, x)])
+        else:
+            d = ctx.emit("Mul", [ctx.emit("Pow", [x, ctx.scalar(pf - 1.0, x)]), ctx.scalar(pf, x)])
+    else:
+        pm1 = ctx.emit("Sub", [p, ctx.const(np.array(1, dtype=ctx.np_dtype(p)))])
+        pc = p if ctx.dtype(p) == ctx.dtype(x) else ctx.emit("Cast", [p], to=ctx.dtype(x))
+        d = ctx.emit("Mul", [ctx.emit("Pow", [x, pm1]), pc])
+    gx = g if d is None else ctx.emit("Mul", [g, d])
+    return [ctx.reduce_to(gx, x, y), None]
+
+
+@rule("Tanh")
+def vjp_tanh(ctx, node, gouts):
+    # Y = tanh(X)  ->  gX = g * (1 - Y^2)
+    y = node.output[0]
+    d = ctx.emit("Sub", [ctx.scalar(1.0, y), ctx.emit("Mul", [y, y])])
+    return [ctx.emit("Mul", [gouts[0], d])]
+
+
+@rule("Sigmoid")
+def vjp_sigmoid(ctx, node, gouts):
+    # Y = sigmoid(X)  ->  gX = g * Y * (1 - Y)
+    y = node.output[0]
+    d = ctx.emit("Mul", [y, ctx.emit("Sub", [ctx.scalar(1.0, y), y])])
+    return [ctx.emit("Mul", [gouts[0], d])]
+
+
+@rule("Exp")
+def vjp_exp(ctx, node, gouts):
+    # Y = exp(X)  ->  gX = g * Y
+    return [ctx.emit("Mul", [gouts[0], node.output[0]])]
+
+
+@rule("Log")
+def vjp_log(ctx, node, gouts):
+    # Y = log(X)  ->  gX = g / X
+    return [ctx.emit("Div", [gouts[0], node.input[0]])]
+
+
+@rule("Sqrt")
+def vjp_sqrt(ctx, node, gouts):
+    # Y = sqrt(X)  ->  gX = g / (2 Y)
+    y = node.output[0]
+    return [ctx.emit("Div", [gouts[0], ctx.emit("Mul", [y, ctx.scalar(2.0, y)])])]
+
+
+@rule("Reciprocal")
+def vjp_reciprocal(ctx, node, gouts):
+    # Y = 1/X  ->  gX = -g * Y^2
+    y = node.output[0]
+    return [ctx.emit("Neg", [ctx.emit("Mul", [gouts[0], ctx.emit("Mul", [y, y])])])]
+
+
+@rule("Relu")
+def vjp_relu(ctx, node, gouts):
+    # Y = max(X, 0)  ->  gX = g where X > 0 else 0
+    x = node.input[0]
+    pos = ctx.emit("Greater", [x, ctx.scalar(0.0, x)])
+    return [ctx.emit("Where", [pos, gouts[0], ctx.scalar(0.0, x)])]
+
+
+@rule("Erf")
+def vjp_erf(ctx, node, gouts):
+    # Y = erf(X)  ->  gX = g * 2/sqrt(pi) * exp(-X^2)
+    x = node.input[0]
+    e = ctx.emit("Exp", [ctx.emit("Neg", [ctx.emit("Mul", [x, x])])])
+    return [ctx.emit("Mul", [gouts[0], ctx.emit("Mul", [e, ctx.scalar(2.0 / np.sqrt(np.pi), x)])])]
+
+
+@rule("Where")
+def vjp_where(ctx, node, gouts):
+    # Y = where(C, A, B)  ->  gA = unbroadcast(where(C, g, 0)), gB = unbroadcast(where(C, 0, g))
+    g, y = gouts[0], node.output[0]
+    c, a, b = node.input
+    zero = ctx.scalar(0.0, y)
+    ga = ctx.reduce_to(ctx.emit("Where", [c, g, zero]), a, y) if ctx.needs(1) else None
+    gb = ctx.reduce_to(ctx.emit("Where", [c, zero, g]), b, y) if ctx.needs(2) else None
+    return [None, ga, gb]
+
+
+@rule("Expand")
+def vjp_expand(ctx, node, gouts):
+    # Y = broadcast(X, shape)  ->  gX = unbroadcast(g)
+    return [ctx.reduce_to(gouts[0], node.input[0], node.output[0]), None]
+
+
+# --------------------------------------------------------------------------- linear algebra
+
+
+def _swap_last2(ctx, x: str) -> str:
+    r = ctx.rank(x)
+    perm = list(range(r - 2)) + [r - 1, r - 2]
+    return ctx.emit("Transpose", [x], hint="T", perm=perm)
+
+
+def _last_dim(ctx, x: str) -> str:
+    """A 1-element int64 tensor holding the last dim of ``x``."""
+    d = ctx.dims(x)[-1]
+    if isinstance(d, int):
+        return ctx.ints([d])
+    return ctx.emit("Shape", [x], hint="lastdim", start=-1)
+
+
+@rule("MatMul")
+def vjp_matmul(ctx, node, gouts):
+    # Y = A @ B (batched, broadcast batch dims)
+    #   gA = unbroadcast(g @ B^T),  gB = unbroadcast(A^T @ g)
+    # A (..., M, K) with B (K, N): gB = reshape(A, (-1, K))^T @ reshape(g, (-1, N)) (one GEMM).
+    g, y = gouts[0], node.output[0]
+    a, b = node.input
+    ra, rb = ctx.rank(a), ctx.rank(b)
+    if ra < 2 or rb < 2:
+        _unsupported(ctx, node, "MatMul with a 1-D operand")
+    ydims = ctx.dims(y)
+    ga = gb = None
+    if ctx.needs(0):
+        full = ctx.emit("MatMul", [g, _swap_last2(ctx, b)])
+        ga = ctx.reduce_to(full, a, ydims[:-2] + ctx.dims(a)[-2:])
+    if ctx.needs(1):
+        if rb == 2 and ra > 2:
+            neg1 = ctx.ints([-1])
+            a2 = ctx.emit("Reshape", [a, ctx.emit("Concat", [neg1, _last_dim(ctx, a)], axis=0)
+                                      if not isinstance(ctx.dims(a)[-1], int) else ctx.ints([-1, ctx.dims(a)[-1]])])
+            g2 = ctx.emit("Reshape", [g, ctx.emit("Concat", [neg1, _last_dim(ctx, y)], axis=0)
+                                      if not isinstance(ydims[-1], int) else ctx.ints([-1, ydims[-1]])])
+            gb = ctx.emit("MatMul", [ctx.emit("Transpose", [a2], hint="T", perm=[1, 0]), g2])
+        else:
+            full = ctx.emit("MatMul", [_swap_last2(ctx, a), g])
+            gb = ctx.reduce_to(full, b, ydims[:-2] + ctx.dims(b)[-2:])
+    return [ga, gb]
+
+
+@rule("Transpose")
+def vjp_transpose(ctx, node, gouts):
+    # Y = transpose(X, perm)  ->  gX = transpose(g, inverse(perm))
+    r = ctx.rank(node.input[0])
+    perm = ctx.attr("perm") or list(range(r))[::-1]
+    inv = [0] * r
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return [ctx.emit("Transpose", [gouts[0]], hint="T", perm=inv)]
+
+
+# --------------------------------------------------------------------------- shape ops
+
+
+@rule("Reshape", "Squeeze", "Unsqueeze", "Flatten")
+def vjp_reshape(ctx, node, gouts):
+    # Y = reshape(X)  ->  gX = reshape(g, shape(X))
+    return [ctx.reshape_like(gouts[0], node.input[0])] + [None] * (len(node.input) - 1)
+
+
+def _dim_along(ctx, x: str, axis: int) -> str:
+    d = ctx.dims(x)[axis]
+    if isinstance(d, int):
+        return ctx.ints([d])
+    return ctx.emit("Shape", [x], hint="dim", start=axis, end=axis + 1)
+
+
+@rule("Concat")
+def vjp_concat(ctx, node, gouts):
+    # Y = concat(X0, X1, ..., axis)  ->  gXi = the matching slice of g (one Split)
+    r = ctx.rank(node.output[0])
+    axis = ctx.norm_axis(ctx.attr("axis"), r)
+    sizes = [_dim_along(ctx, x, axis) for x in node.input]
+    if all(ctx.const_value(s) is not None for s in sizes):
+        split = ctx.ints([int(ctx.const_value(s)[0]) for s in sizes])
+    else:
+        split = ctx.emit("Concat", sizes, axis=0)
+    if len(node.input) == 1:
+        return [gouts[0]]
+    parts = ctx.emit("Split", [gouts[0], split], n_out=len(node.input), hint="split", axis=axis)
+    return [parts[i] if ctx.needs(i) else None for i in range(len(node.input))]
+
+
+@rule("Split")
+def vjp_split(ctx, node, gouts):
+    # (Y0, Y1, ...) = split(X, axis)  ->  gX = concat(gY0, gY1, ...) (zeros for unused outputs)
+    r = ctx.rank(node.input[0])
+    axis = ctx.norm_axis(ctx.attr("axis", 0), r)
+    parts = [g if g is not None else ctx.zeros_like(y) for g, y in zip(gouts, node.output)]
+    gx = parts[0] if len(parts) == 1 else ctx.emit("Concat", parts, axis=axis)
+    return [gx] + [None] * (len(node.input) - 1)
+
+
+@rule("Slice")
+def vjp_slice(ctx, node, gouts):
+    # Y = X[starts:ends:steps]  ->  gX = zeros(X) with g scattered into the sliced positions.
+    # The positions come from slicing an iota of X's flat indices the same way (exact for any
+    # starts/ends/axes/steps); steps of 1 with constant bounds on static dims use Pad instead.
+    x = node.input[0]
+    g = gouts[0]
+    r = ctx.rank(x)
+    consts = [ctx.const_value(n) if n else None for n in node.input[1:]]
+    while len(consts) < 4:
+        consts.append(None)
+    starts, ends, axes, steps = consts
+    dims = ctx.dims(x)
+    have_bounds = starts is not None and ends is not None and (len(node.input) < 4 or not node.input[3]
+                                                                 or axes is not None)
+    have_steps = len(node.input) < 5 or not node.input[4] or steps is not None
+    if have_bounds and have_steps:
+        axes_l = list(range(len(starts))) if axes is None else [ctx.norm_axis(int(a), r) for a in axes]
+        steps_l = [1] * len(starts) if steps is None else [int(s) for s in steps]
+        if all(s == 1 for s in steps_l) and all(isinstance(dims[a], int) for a in axes_l):
+            pads = [0] * (2 * r)
+            for a, s, e in zip(axes_l, starts, ends):
+                n = dims[a]
+                s, e = int(s), int(e)
+                s = min(max(s + n if s < 0 else s, 0), n)
+                e = min(max(e + n if e < 0 else e, 0), n)
+                e = max(e, s)
+                pads[a], pads[r + a] = s, n - e
+            return [ctx.emit("Pad", [g, ctx.ints(pads), ctx.scalar(0.0, x)], mode="constant")] + \
+                [None] * (len(node.input) - 1)
+    size = ctx.emit("Size", [x])
+    iota = ctx.emit("Range", [ctx.const(np.array(0, np.int64)), size, ctx.const(np.array(1, np.int64))])
+    iota = ctx.emit("Reshape", [iota, ctx.shape(x)])
+    picked = ctx.emit("Slice", [iota] + list(node.input[1:]))
+    flat_idx = ctx.emit("Reshape", [picked, ctx.ints([-1])])
+    flat_g = ctx.emit("Reshape", [g, ctx.ints([-1])])
+    value = helper.make_tensor("value", ctx.dtype(x), [1], [0])
+    zeros = ctx.emit("ConstantOfShape", [ctx.emit("Reshape", [size, ctx.ints([1])])], value=value)
+    flat = ctx.emit("ScatterElements", [zeros, flat_idx, flat_g], axis=0)
+    return [ctx.emit("Reshape", [flat, ctx.shape(x)])] + [None] * (len(node.input) - 1)
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+def _unsqueeze_expand(ctx, g: str, x: str, axes: list[int] | str | None, keepdims: int) -> str:
+    if not keepdims and axes is not None:
+        ax = axes if isinstance(axes, str) else ctx.ints(axes)
+        g = ctx.emit("Unsqueeze", [g, ax])
+    return ctx.emit("Expand", [g, ctx.shape_value(x)])
+
+
+@rule("ReduceSum")
+def vjp_reduce_sum(ctx, node, gouts):
+    # Y = sum(X, axes)  ->  gX = expand(unsqueeze(g, axes), shape(X))
+    x = node.input[0]
+    keepdims = ctx.attr("keepdims", 1)
+    noop = ctx.attr("noop_with_empty_axes", 0)
+    if ctx.opset >= 13:
+        axes_in = node.input[1] if len(node.input) > 1 and node.input[1] else None
+        axes = None
+        if axes_in is not None:
+            av = ctx.const_value(axes_in)
+            axes = axes_in if av is None else [int(a) for a in av.reshape(-1)]
+    else:
+        axes = ctx.attr("axes")
+    if axes is not None and not isinstance(axes, str) and len(axes) == 0:
+        axes = None
+    if axes is None and noop:
+        return [gouts[0]] + [None] * (len(node.input) - 1)
+    return [_unsqueeze_expand(ctx, gouts[0], x, axes, keepdims)] + [None] * (len(node.input) - 1)
+
+
+@rule("ReduceMean")
+def vjp_reduce_mean(ctx, node, gouts):
+    # Y = mean(X, axes)  ->  gX = expand(unsqueeze(g, axes), shape(X)) / N,  N = |X| / |Y|
+    x, y = node.input[0], node.output[0]
+    keepdims = ctx.attr("keepdims", 1)
+    if ctx.opset >= 18:
+        axes_in = node.input[1] if len(node.input) > 1 and node.input[1] else None
+        av = ctx.const_value(axes_in) if axes_in else None
+        if axes_in and av is None:
+            _unsupported(ctx, node, "ReduceMean with non-constant axes")
+        axes = None if av is None or av.size == 0 else [int(a) for a in av.reshape(-1)]
+        if axes is None and ctx.attr("noop_with_empty_axes", 0):
+            return [gouts[0]] + [None] * (len(node.input) - 1)
+    else:
+        axes = ctx.attr("axes")
+        axes = list(axes) if axes else None
+    r = ctx.rank(x)
+    red = list(range(r)) if axes is None else [ctx.norm_axis(a, r) for a in axes]
+    dims = ctx.dims(x)
+    if all(isinstance(dims[a], int) for a in red):
+        n = int(np.prod([dims[a] for a in red])) if red else 1
+        scaled = ctx.emit("Mul", [gouts[0], ctx.scalar(1.0 / n, x)])
+    else:
+        n = ctx.emit("Div", [ctx.emit("Size", [x]), ctx.emit("Size", [y])])
+        scaled = ctx.emit("Div", [gouts[0], ctx.emit("Cast", [n], to=ctx.dtype(x))])
+    return [_unsqueeze_expand(ctx, scaled, x, axes, keepdims)] + [None] * (len(node.input) - 1)
+
+
+# --------------------------------------------------------------------------- normalisation / softmax
+
+
+@rule("Softmax")
+def vjp_softmax(ctx, node, gouts):
+    # Y = softmax(X, axis)  ->  gX = Y * (g - sum(g * Y, axis))
+    if ctx.opset < 13:
+        _unsupported(ctx, node, "Softmax before opset 13 (2-D coercion semantics)")
+    y, g = node.output[0], gouts[0]
+    axis = ctx.attr("axis", -1)
+    s = ctx.reduce_sum(ctx.emit("Mul", [g, y]), [axis], keepdims=1)
+    return [ctx.emit("Mul", [y, ctx.emit("Sub", [g, s])])]
+
+
+@rule("LogSoftmax")
+def vjp_log_softmax(ctx, node, gouts):
+    # Y = log_softmax(X, axis)  ->  gX = g - exp(Y) * sum(g, axis)
+    if ctx.opset < 13:
+        _unsupported(ctx, node, "LogSoftmax before opset 13 (2-D coercion semantics)")
+    y, g = node.output[0], gouts[0]
+    axis = ctx.attr("axis", -1)
+    s = ctx.reduce_sum(g, [axis], keepdims=1)
+    return [ctx.emit("Sub", [g, ctx.emit("Mul", [ctx.emit("Exp", [y]), s])])]
+
+
+@rule("LayerNormalization")
+def vjp_layer_norm(ctx, node, gouts):
+    # Y = xhat * S + B,  xhat = (X - mean) * rstd,  rstd = 1/sqrt(var + eps)  (over axes >= axis)
+    #   gB = unbroadcast(g),  gS = unbroadcast(g * xhat),  gxhat = g * S
+    #   gX = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat))
+    # Only Y's cotangent is supported (Mean / InvStdDev are statistics, not model outputs).
+    if any(g is not None for g in gouts[1:]):
+        _unsupported(ctx, node, "gradient through the Mean/InvStdDev outputs")
+    x, s = node.input[0], node.input[1]
+    b = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    g = gouts[0]
+    r = ctx.rank(x)
+    axis = ctx.norm_axis(ctx.attr("axis", -1), r)
+    red = list(range(axis, r))
+    eps = ctx.attr("epsilon", 1e-5)
+    outs = list(node.output)
+    if len(outs) >= 3 and outs[1] and outs[2] and ctx.dtype(outs[2]) == ctx.dtype(x):
+        mean, rstd = outs[1], outs[2]
+    else:  # recompute the statistics in X's own precision
+        mean = ctx.reduce_mean(x, red)
+        xc = ctx.emit("Sub", [x, mean])
+        var = ctx.reduce_mean(ctx.emit("Mul", [xc, xc]), red)
+        rstd = ctx.emit("Reciprocal", [ctx.emit("Sqrt", [ctx.emit("Add", [var, ctx.scalar(eps, x)])])])
+    xhat = ctx.emit("Mul", [ctx.emit("Sub", [x, mean]), rstd], hint="xhat")
+    gx = gs = gb = None
+    if ctx.needs(0):
+        gxhat = ctx.emit("Mul", [g, s])
+        m1 = ctx.reduce_mean(gxhat, red)
+        m2 = ctx.reduce_mean(ctx.emit("Mul", [gxhat, xhat]), red)
+        inner = ctx.emit("Sub", [ctx.emit("Sub", [gxhat, m1]), ctx.emit("Mul", [xhat, m2])])
+        gx = ctx.emit("Mul", [inner, rstd])
+    if ctx.needs(1):
+        gs = ctx.reduce_to(ctx.emit("Mul", [g, xhat]), s, x)
+    if b is not None and ctx.needs(2):
+        gb = ctx.reduce_to(g, b, x)
+    return [gx, gs, gb][: len(node.input)]
+
+
+# --------------------------------------------------------------------------- gathers
+
+
+@rule("Gather")
+def vjp_gather(ctx, node, gouts):
+    # Y = take(D, I, axis)  ->  gD = zeros(D) with g added at rows I (ScatterND, reduction="add":
+    # exact for repeated indices). Negative indices are wrapped first. axis != 0 is moved to the
+    # front with Transposes.
+    d, idx = node.input
+    g = gouts[0]
+    rd = ctx.rank(d)
+    ri = ctx.rank(idx)
+    axis = ctx.norm_axis(ctx.attr("axis", 0), rd)
+    if ctx.dtype(idx) != 7:  # int32 indices -> int64 (ScatterND wants int64)
+        idx = ctx.emit("Cast", [idx], to=7)
+    iv = ctx.const_value(node.input[1])
+    if iv is None or (iv < 0).any():
+        dim = ctx.dims(d)[axis]
+        n = ctx.const(np.array(dim, np.int64)) if isinstance(dim, int) else \
+            ctx.emit("Squeeze", [_dim_along(ctx, d, axis), ctx.ints([0])])
+        neg = ctx.emit("Less", [idx, ctx.const(np.array(0, np.int64))])
+        idx = ctx.emit("Where", [neg, ctx.emit("Add", [idx, n]), idx])
+    ind = ctx.emit("Unsqueeze", [idx, ctx.ints([-1])])
+    if axis == 0:
+        return [ctx.emit("ScatterND", [ctx.zeros_like(d), ind, g], reduction="add"), None]
+    # move the gathered axis to the front: D' = transpose(D, [axis, 0..axis-1, axis+1..])
+    perm_d = [axis] + list(range(axis)) + list(range(axis + 1, rd))
+    # g has dims D[:axis] + I + D[axis+1:]; bring I's dims to the front
+    perm_g = list(range(axis, axis + ri)) + list(range(axis)) + list(range(axis + ri, rd - 1 + ri))
+    zt = ctx.emit("Transpose", [ctx.zeros_like(d)], perm=perm_d)
+    gt = ctx.emit("Transpose", [g], perm=perm_g)
+    acc = ctx.emit("ScatterND", [zt, ind, gt], reduction="add")
+    inv = [0] * rd
+    for i, p in enumerate(perm_d):
+        inv[p] = i
+    return [ctx.emit("Transpose", [acc], perm=inv), None]
+
+
+@rule("GatherElements")
+def vjp_gather_elements(ctx, node, gouts):
+    # Y[i][j] = D[i][I[i][j]] (along axis)  ->  gD = scatter_add(zeros(D), I, g, axis)
+    d, idx = node.input
+    axis = ctx.attr("axis", 0)
+    zeros = ctx.zeros_like(d)
+    return [ctx.emit("ScatterElements", [zeros, idx, gouts[0]], axis=axis, reduction="add"), None]

@@ -1,0 +1,65 @@
+"""CLI: ``python -m runtimes train --artifacts artifacts/small --steps N [...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .base import DEVICES, REGISTRY
+from .errors import GPT2OnnxError
+from .train import TrainOptions, train
+
+_D = TrainOptions()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtimes")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train from an artifact folder on byte-level text")
+    t.add_argument("--artifacts", default=_D.artifacts, help=f"artifact folder (default {_D.artifacts})")
+    t.add_argument("--runtime", default=_D.runtime, choices=sorted(REGISTRY))
+    t.add_argument("--device", default=_D.device, choices=DEVICES)
+    t.add_argument("--steps", type=int, default=_D.steps, help=f"total steps (default {_D.steps})")
+    t.add_argument("--batch", type=int, default=_D.batch, help=f"sequences per step (default {_D.batch})")
+    t.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the context)")
+    t.add_argument("--lr", type=float, default=_D.lr, help=f"peak learning rate (default {_D.lr})")
+    t.add_argument("--min-lr", type=float, default=_D.min_lr, help=f"final learning rate of the cosine (default {_D.min_lr})")
+    t.add_argument("--warmup", type=int, default=_D.warmup, help=f"linear warmup steps (default {_D.warmup})")
+    t.add_argument("--seed", type=int, default=_D.seed, help="data sampler seed")
+    t.add_argument("--data", default=None, help="text file or folder (default: the Python standard library's sources)")
+    t.add_argument("--out", default=_D.out, help=f"run folder (default {_D.out})")
+    t.add_argument("--eval-every", type=int, default=_D.eval_every)
+    t.add_argument("--eval-batches", type=int, default=_D.eval_batches)
+    t.add_argument("--checkpoint-every", type=int, default=_D.checkpoint_every)
+    t.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    t.add_argument("--sample-bytes", type=int, default=_D.sample_bytes, help="bytes of text to generate at the end")
+    t.add_argument("--resume", default=None, help="checkpoint to continue from (e.g. runs/NAME/checkpoint.safetensors)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    opts = TrainOptions(
+        artifacts=a.artifacts, runtime=a.runtime, device=a.device, steps=a.steps, batch=a.batch, seq=a.seq,
+        lr=a.lr, min_lr=a.min_lr, warmup=a.warmup, seed=a.seed, data=a.data, out=a.out,
+        eval_every=a.eval_every, eval_batches=a.eval_batches, checkpoint_every=a.checkpoint_every,
+        threads=a.threads, sample_bytes=a.sample_bytes, resume=a.resume, progress=not a.no_progress,
+    )
+    try:
+        s = train(opts)
+    except GPT2OnnxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+    print(f"validation loss {s['first_val_loss']:.4f} -> {s['final_val_loss']:.4f} in {s['steps']} steps, "
+          f"{s['seconds']:.0f}s, {s['tokens_per_s']:.0f} tokens/s; wrote {s['out']}/loss.png")
+    if "sample" in s:
+        print("sample:\n" + s["sample"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The Runtime interface every backend implements, and the registry by name.
+
+A runtime owns the training state (parameters, AdamW moments, step count) for
+one artifact folder. The public methods check every input first (validate.py,
+hp.py) and only then call the backend's ``_``-prefixed hooks, so a bad batch
+raises InputError and leaves the state untouched on every backend alike.
+
+Adding a backend is one file with a ``Runtime`` subclass and one line in
+``REGISTRY``. Entries are import paths so that a backend's dependencies
+(onnxruntime-training, which cannot share an environment with current
+onnxruntime) load only when that backend is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import Artifacts, check_weights, load_artifacts
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .errors import CheckpointError, InputError, RuntimeUnavailable
+from .hp import check_hp
+from .validate import check_labels, check_tokens
+
+REGISTRY: dict[str, str] = {
+    "ort-training": "runtimes.ort_training:OrtTrainingRuntime",
+    "ort": "runtimes.ort:OrtRuntime",
+    "reference": "runtimes.reference:ReferenceRuntime",
+}
+DEVICES = ("cpu", "cuda")
+
+
+class Runtime:
+    """Training state for one artifact folder, advanced one batch at a time."""
+
+    name = ""
+    needs: tuple[str, ...] = ()  # artifact files this backend opens
+
+    def __init__(self, art: Artifacts, device: str = "cpu", threads: int | None = None):
+        self.art = art
+        self.device = device
+        self.threads = threads
+        self.step_count = 0  # updates applied so far; the next one is t = step_count + 1
+        self.resumed_extra: dict = {}  # what the checkpoint we resumed from carried (sampler state...)
+        self._forward = None
+
+    # --- public API -------------------------------------------------------
+
+    def step(self, tokens, positions, labels, hp) -> float:
+        """Train on one batch; returns the loss of that batch before the update."""
+        tokens, positions, labels = self._batch(tokens, positions, labels)
+        hp = check_hp(hp, self.step_count + 1)
+        self._check_hp_supported(hp)
+        loss = self._step(tokens, positions, labels, hp)
+        self.step_count += 1
+        return loss
+
+    def loss(self, tokens, positions, labels) -> float:
+        """Mean loss of a batch under the current parameters; no update."""
+        return self._loss(*self._batch(tokens, positions, labels))
+
+    def gradients(self, tokens, positions, labels) -> dict[str, np.ndarray]:
+        """d loss / d parameter for one batch under the current parameters; no update."""
+        return self._gradients(*self._batch(tokens, positions, labels))
+
+    def logits(self, tokens, positions) -> np.ndarray:
+        """(B, T, vocab) float32 logits under the current parameters."""
+        tokens, positions = check_tokens(tokens, positions, self.art.config["vocab"], self.art.config["context"])
+        return self._logits(tokens, positions)
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Copies of every parameter, in manifest order."""
+        raise NotImplementedError
+
+    def moments(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+        """Copies of AdamW's (m, v) per parameter, or None where the backend cannot export them."""
+        return None
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write a checkpoint atomically: parameters, moments, step, and ``extra``."""
+        moments = self.moments()
+        save_checkpoint(
+            path,
+            Checkpoint(
+                runtime=self.name,
+                step=self.step_count,
+                artifacts=str(self.art.folder.resolve()),
+                fingerprint=self.art.fingerprint,
+                params=self.parameters(),
+                adam_m=moments[0] if moments else None,
+                adam_v=moments[1] if moments else None,
+                native=self._native_state(),
+                extra=extra or {},
+            ),
+        )
+
+    def export_weights(self, path: str | Path) -> None:
+        """Trained weights as safetensors, in the same layout as weights.safetensors."""
+        from safetensors.numpy import save
+
+        from .checkpoint import write_atomic
+
+        write_atomic(Path(path), save(self.parameters(), metadata={"step": str(self.step_count)}))
+
+    # --- hooks for backends ----------------------------------------------
+
+    def _step(self, tokens, positions, labels, hp) -> float:
+        raise NotImplementedError
+
+    def _loss(self, tokens, positions, labels) -> float:
+        raise NotImplementedError
+
+    def _gradients(self, tokens, positions, labels) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _check_hp_supported(self, hp: np.ndarray) -> None:
+        """Backends with hyperparameters fixed at build time reject others here."""
+
+    def _native_state(self) -> bytes | None:
+        return None
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        raise NotImplementedError
+
+    def _logits(self, tokens, positions) -> np.ndarray:
+        """Default: forward.onnx in a plain InferenceSession with the current parameters."""
+        if self._forward is None:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            if self.threads:
+                so.intra_op_num_threads = self.threads
+            self._forward = ort.InferenceSession(
+                str(self.art.path("forward.onnx")), so, providers=["CPUExecutionProvider"]
+            )
+        feeds = {"tokens": tokens, "positions": positions, **self.parameters()}
+        return self._forward.run(["logits"], feeds)[0]
+
+    # --- shared helpers -----------------------------------------------------
+
+    def _batch(self, tokens, positions, labels):
+        cfg = self.art.config
+        tokens, positions = check_tokens(tokens, positions, cfg["vocab"], cfg["context"])
+        labels = check_labels(labels, tokens.shape, cfg["vocab"], cfg["labels"])
+        return tokens, positions, labels
+
+
+def _runtime_class(name: str) -> type[Runtime]:
+    if name not in REGISTRY:
+        raise RuntimeUnavailable(f"unknown runtime {name!r}; choose one of {sorted(REGISTRY)}")
+    module, cls = REGISTRY[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise RuntimeUnavailable(f"runtime {name!r} cannot load in this environment: {e}") from None
+
+
+def check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise InputError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeUnavailable(
+                "device 'cuda' needs onnxruntime's CUDAExecutionProvider, which this installation lacks "
+                f"(available: {ort.get_available_providers()}); install a CUDA build "
+                "(onnxruntime-gpu, or onnxruntime-training for the ort-training runtime) on a machine with a GPU"
+            )
+
+
+def load(artifacts: str | Path, runtime: str = "ort-training", device: str = "cpu",
+         threads: int | None = None, verify: bool = True) -> Runtime:
+    """A runtime on the artifacts' initial weights."""
+    cls = _runtime_class(runtime)
+    check_device(device)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads must be a positive integer or None, got {threads!r}")
+    art = load_artifacts(artifacts, verify=verify, needs=cls.needs)
+    return cls(art, device=device, threads=threads)
+
+
+def resume(path: str | Path, runtime: str | None = None, device: str = "cpu",
+           artifacts: str | Path | None = None, threads: int | None = None) -> Runtime:
+    """A runtime restored from a checkpoint: parameters, moments and step count.
+
+    ``runtime`` defaults to the one that wrote the checkpoint; ``artifacts`` to
+    the folder recorded in it. The checkpoint's ``extra`` (sampler state, run
+    options) is on ``rt.resumed_extra``.
+    """
+    ckpt = load_checkpoint(path)
+    rt = load(artifacts or ckpt.artifacts, runtime or ckpt.runtime, device, threads)
+    if ckpt.fingerprint != rt.art.fingerprint:
+        raise CheckpointError(
+            f"{path} was written for another model (fingerprint {ckpt.fingerprint}) than the artifacts in "
+            f"{rt.art.folder} ({rt.art.fingerprint})"
+        )
+    check_weights(ckpt.params, rt.art, str(path))
+    rt._restore(ckpt)
+    rt.step_count = ckpt.step
+    rt.resumed_extra = ckpt.extra
+    return rt

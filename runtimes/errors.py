@@ -1,0 +1,35 @@
+"""The error classes every runner, CLI and host check raises.
+
+One base class so callers can catch everything this package signals on purpose;
+one subclass per boundary so tests (and users) can tell a bad batch from a bad
+artifact folder. Every message names the offending value, the allowed range and
+the input it came from.
+"""
+
+
+class GPT2OnnxError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class InputError(GPT2OnnxError, ValueError):
+    """A batch or hyperparameter vector is malformed; nothing was run or changed."""
+
+
+class ArtifactError(GPT2OnnxError):
+    """An artifact folder is incomplete, corrupted, or from another version or config."""
+
+
+class CheckpointError(GPT2OnnxError):
+    """A checkpoint file is missing, truncated, or does not match the artifacts."""
+
+
+class DataError(GPT2OnnxError, ValueError):
+    """Training text is missing, empty, or too short for one batch."""
+
+
+class RuntimeUnavailable(GPT2OnnxError):
+    """The requested runtime or device is not available in this environment."""
+
+
+class TrainingDiverged(GPT2OnnxError):
+    """The loss or an updated tensor became NaN or infinite."""

@@ -1,0 +1,143 @@
+"""``ort``: plain onnxruntime ``InferenceSession`` on the portable train_step.onnx.
+
+Works on any onnxruntime (1.19 from the training wheel, or current releases,
+CPU or CUDA): the backward pass and AdamW are ordinary ONNX ops in the graph.
+
+State stays on the device. Parameters and moments are OrtValues bound as
+inputs with IO binding; the step writes the updated ones into a second,
+preallocated set of OrtValues, and the two sets swap. Only tokens, positions,
+labels and hp cross from the host, and only the loss comes back. A step whose
+loss is not finite is not committed (the swap does not happen), so the state
+stays at the last good step and the error says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Runtime
+from .checkpoint import Checkpoint
+from .errors import CheckpointError, RuntimeUnavailable, TrainingDiverged
+
+
+def session_options(threads: int | None):
+    """The options measured to matter on CPU (see NOTES.md): denormals flushed
+    (the masked softmax's exp produces them), arena and memory pattern on,
+    sequential execution, all graph optimisations."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return so
+
+
+class OrtRuntime(Runtime):
+    name = "ort"
+    needs = ("train_step.onnx", "eval_model.onnx", "forward.onnx", "weights.safetensors")
+
+    def __init__(self, art, device="cpu", threads=None):
+        super().__init__(art, device, threads)
+        import onnxruntime as ort
+
+        self._ort = ort
+        self._providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        try:
+            self._sess = ort.InferenceSession(str(art.path("train_step.onnx")), session_options(threads), providers=self._providers)
+        except Exception as e:
+            if device == "cuda":
+                raise RuntimeUnavailable(f"runtime 'ort' could not start on cuda: {e}") from None
+            raise
+        self._eval = None
+        self._ort_device = "cuda" if device == "cuda" else "cpu"
+        self._names = art.param_names
+        self._out_names = [o.name for o in self._sess.get_outputs()]
+        weights = art.initial_weights()
+        zeros = {n: np.zeros_like(w) for n, w in weights.items()}
+        self._state = self._upload(weights, zeros, zeros)
+        self._spare = self._upload(zeros, zeros, zeros)
+
+    # --- state on the device ------------------------------------------------
+
+    def _upload(self, params, m, v) -> dict[str, object]:
+        """OrtValues keyed by train_step input name: <p>, m.<p>, v.<p>.
+
+        Each is allocated by ONNX Runtime and filled by copy: an OrtValue made
+        from a NumPy array on the CPU would alias that array's memory, and the
+        step writes into these buffers.
+        """
+        out = {}
+        for prefix, d in (("", params), ("m.", m), ("v.", v)):
+            for n in self._names:
+                value = self._ort.OrtValue.ortvalue_from_shape_and_type(
+                    list(d[n].shape), np.float32, self._ort_device, 0
+                )
+                value.update_inplace(np.ascontiguousarray(d[n], dtype=np.float32))
+                out[prefix + n] = value
+        return out
+
+    def _run(self, tokens, positions, labels, hp):
+        """One train_step into the spare buffers; returns the loss (not yet committed)."""
+        b = self._sess.io_binding()
+        for name, value in self._state.items():
+            b.bind_ortvalue_input(name, value)
+        for name, arr in (("tokens", tokens), ("positions", positions), ("labels", labels), ("hp", hp)):
+            b.bind_cpu_input(name, arr)
+        b.bind_output("loss", "cpu")
+        for name, value in self._spare.items():
+            b.bind_ortvalue_output("new." + name, value)
+        self._sess.run_with_iobinding(b)
+        return float(b.copy_outputs_to_cpu()[0])
+
+    def _step(self, tokens, positions, labels, hp) -> float:
+        loss = self._run(tokens, positions, labels, hp)
+        if not np.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss} at step {self.step_count + 1}; the update was not applied "
+                f"(parameters and moments stay at step {self.step_count})"
+            )
+        self._state, self._spare = self._spare, self._state
+        return loss
+
+    def _gradients(self, tokens, positions, labels) -> dict[str, np.ndarray]:
+        # With beta1 = 0 the step's new first moment is exactly the gradient
+        # (m' = 0*m + 1*g); lr = wd = 0 and the result is never committed.
+        hp = np.array([0.0, 0.0, 0.5, 1.0, 0.0, 1.0, 2.0], dtype=np.float32)
+        self._run(tokens, positions, labels, hp)
+        return {n: self._spare["m." + n].numpy().copy() for n in self._names}
+
+    def _loss(self, tokens, positions, labels) -> float:
+        if self._eval is None:
+            self._eval = self._ort.InferenceSession(
+                str(self.art.path("eval_model.onnx")), session_options(self.threads), providers=self._providers
+            )
+        b = self._eval.io_binding()
+        for n in self._names:
+            b.bind_ortvalue_input(n, self._state[n])
+        for name, arr in (("tokens", tokens), ("positions", positions), ("labels", labels)):
+            b.bind_cpu_input(name, arr)
+        b.bind_output("loss", "cpu")
+        self._eval.run_with_iobinding(b)
+        return float(b.copy_outputs_to_cpu()[0])
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {n: self._state[n].numpy().copy() for n in self._names}
+
+    def moments(self):
+        return (
+            {n: self._state["m." + n].numpy().copy() for n in self._names},
+            {n: self._state["v." + n].numpy().copy() for n in self._names},
+        )
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        if ckpt.adam_m is None or ckpt.adam_v is None:
+            if ckpt.step == 0:
+                zeros = {n: np.zeros(s, np.float32) for n, s in self.art.param_shapes.items()}
+                ckpt.adam_m, ckpt.adam_v = zeros, zeros
+            else:
+                raise CheckpointError(f"checkpoint at step {ckpt.step} holds no AdamW moments; cannot resume exactly")
+        self._state = self._upload(ckpt.params, ckpt.adam_m, ckpt.adam_v)

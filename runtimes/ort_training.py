@@ -1,0 +1,150 @@
+"""``ort-training``: onnxruntime-training 1.19.2's Module/Optimizer on the training set.
+
+ONNX Runtime's gradient builder made training_model.onnx; its fused
+AdamWOptimizer kernel runs optimizer_model.onnx, whose beta1/beta2/eps/weight
+decay are attributes fixed at build time. Only lr comes from hp per step;
+the other hp entries must equal what the model was built with.
+
+The optimizer's moments live inside ONNX Runtime; the Python API does not
+expose them, so they are read from ORT's own checkpoint (a flatbuffer) when
+asked for, and a checkpoint of this runtime carries that file whole for an
+exact resume.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from .base import Runtime
+from .checkpoint import Checkpoint
+from .errors import CheckpointError, InputError, RuntimeUnavailable
+from .ort_checkpoint import read_ort_checkpoint
+
+
+def _import_api():
+    """onnxruntime.training.api without importing torch (see NOTES.md)."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    if "onnxruntime.training" not in sys.modules:
+        spec = importlib.util.find_spec("onnxruntime")
+        folder = Path(list(spec.submodule_search_locations)[0]) / "training" if spec else None
+        if folder is None or not (folder / "api").is_dir():
+            raise RuntimeUnavailable(
+                "the ort-training runtime needs onnxruntime-training-cpu==1.19.2 (pip install '.[training]'); "
+                "this environment has plain onnxruntime: use runtime 'ort' instead"
+            )
+        pkg = types.ModuleType("onnxruntime.training")
+        pkg.__path__ = [str(folder)]
+        sys.modules["onnxruntime.training"] = pkg
+    from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+    return CheckpointState, Module, Optimizer
+
+
+class OrtTrainingRuntime(Runtime):
+    name = "ort-training"
+    needs = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+
+    def __init__(self, art, device="cpu", threads=None):
+        super().__init__(art, device, threads)
+        self._api = _import_api()
+        self._open(str(art.path("checkpoint")))
+
+    def _open(self, checkpoint_path: str) -> None:
+        import onnxruntime as ort
+
+        CheckpointState, Module, Optimizer = self._api
+        so = ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        so.add_session_config_entry("session.set_denormal_as_zero", "1")
+        self._state = CheckpointState.load_checkpoint(checkpoint_path)
+        try:
+            self._module = Module(
+                str(self.art.path("training_model.onnx")),
+                self._state,
+                str(self.art.path("eval_model.onnx")),
+                device=self.device,
+                session_options=so,
+            )
+        except Exception as e:
+            if self.device == "cuda":
+                raise RuntimeUnavailable(f"ort-training could not start on cuda: {e}") from None
+            raise
+        self._optimizer = Optimizer(str(self.art.path("optimizer_model.onnx")), self._module)
+
+    def _check_hp_supported(self, hp: np.ndarray) -> None:
+        cfg = self.art.config
+        for i, key in ((1, "beta1"), (2, "beta2"), (3, "eps"), (4, "weight_decay")):
+            built = np.float32(cfg[key])
+            if abs(float(hp[i]) - float(built)) > 1e-6 * max(abs(float(built)), 1e-30):
+                flag = "--" + key.replace("_", "-")
+                raise InputError(
+                    f"hp[{i}] ({key}) = {float(hp[i])!r}, but optimizer_model.onnx was built with {key}={cfg[key]!r}: "
+                    f"ONNX Runtime's optimizer model fixes beta1/beta2/eps/weight decay when it is built. "
+                    f"Rebuild with `python -m graphgen build ... {flag} {np.format_float_positional(hp[i])}`, or use the 'ort' runtime, "
+                    f"which reads all seven hp values every step"
+                )
+
+    def _step(self, tokens, positions, labels, hp) -> float:
+        self._module.train()
+        loss = self._module(tokens, positions, labels)
+        self._optimizer.set_learning_rate(float(hp[0]))
+        self._optimizer.step()
+        self._module.lazy_reset_grad()
+        return float(loss)
+
+    def _loss(self, tokens, positions, labels) -> float:
+        self._module.eval()
+        try:
+            return float(self._module(tokens, positions, labels))
+        finally:
+            self._module.train()
+
+    def _gradients(self, tokens, positions, labels) -> dict[str, np.ndarray]:
+        self._module.train()
+        self._module.lazy_reset_grad()
+        self._module(tokens, positions, labels)
+        grads = {n: np.array(self._state.parameters[n].grad, copy=True) for n in self.art.param_names}
+        self._module.lazy_reset_grad()
+        return grads
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {n: np.array(self._state.parameters[n].data, copy=True) for n in self.art.param_names}
+
+    def _native_state(self) -> bytes:
+        fd, tmp = tempfile.mkstemp(prefix="ort-ckpt-")
+        os.close(fd)
+        try:
+            self._api[0].save_checkpoint(self._state, tmp, include_optimizer_state=True)
+            with open(tmp, "rb") as f:
+                return f.read()
+        finally:
+            os.unlink(tmp)
+
+    def moments(self):
+        state = read_ort_checkpoint(self._native_state())
+        if not state.moments:  # before the first step ORT holds no optimizer state
+            zeros = {n: np.zeros(s, np.float32) for n, s in self.art.param_shapes.items()}
+            return zeros, {n: z.copy() for n, z in zeros.items()}
+        return state.moments
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        if ckpt.native is None:
+            raise CheckpointError(
+                f"this checkpoint was written by runtime {ckpt.runtime!r} and holds no ONNX Runtime training state; "
+                "resume it with runtime='ort' (or --runtime ort), which restores parameters and moments from any checkpoint"
+            )
+        fd, tmp = tempfile.mkstemp(prefix="ort-ckpt-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(ckpt.native)
+            self._open(tmp)
+        finally:
+            os.unlink(tmp)

@@ -1,0 +1,98 @@
+"""``reference``: onnx's own ReferenceEvaluator (NumPy) on train_step.onnx.
+
+Slow, and independent of ONNX Runtime's kernels: the parity suite uses it to
+show that what ONNX Runtime computes is what the ONNX graph means. State is a
+dict of NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx.reference.op_run import OpRun
+
+from .base import Runtime
+from .checkpoint import Checkpoint
+from .errors import CheckpointError, TrainingDiverged
+
+
+class GatherElements(OpRun):
+    """onnx 1.23's reference GatherElements mishandles axis=-1 (and more than
+    32/64 classes); this is the op's definition written with take_along_axis."""
+
+    op_domain = ""
+
+    def _run(self, data, indices, axis=None):
+        axis = 0 if axis is None else axis
+        idx = np.where(indices < 0, indices + data.shape[axis], indices)
+        return (np.take_along_axis(data, idx, axis=axis),)
+
+
+def evaluator(path: str):
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(path, new_ops=[GatherElements])
+
+
+class ReferenceRuntime(Runtime):
+    name = "reference"
+    needs = ("train_step.onnx", "eval_model.onnx", "forward.onnx", "weights.safetensors")
+
+    def __init__(self, art, device="cpu", threads=None):
+        if device != "cpu":
+            from .errors import RuntimeUnavailable
+
+            raise RuntimeUnavailable("the reference runtime runs on the CPU only (device='cpu')")
+        super().__init__(art, device, threads)
+        self._step_eval = evaluator(str(art.path("train_step.onnx")))
+        self._loss_eval = None
+        self._fwd_eval = None
+        self._names = art.param_names
+        self._params = art.initial_weights()
+        self._m = {n: np.zeros_like(w) for n, w in self._params.items()}
+        self._v = {n: np.zeros_like(w) for n, w in self._params.items()}
+
+    def _run(self, tokens, positions, labels, hp):
+        feeds = {**self._params, **{"m." + n: a for n, a in self._m.items()}, **{"v." + n: a for n, a in self._v.items()},
+                 "tokens": tokens, "positions": positions, "labels": labels, "hp": hp}
+        out = dict(zip(self._step_eval.output_names, self._step_eval.run(None, feeds)))
+        return float(out["loss"]), out
+
+    def _step(self, tokens, positions, labels, hp) -> float:
+        loss, out = self._run(tokens, positions, labels, hp)
+        if not np.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss} at step {self.step_count + 1}; the update was not applied")
+        self._params = {n: out["new." + n] for n in self._names}
+        self._m = {n: out["new.m." + n] for n in self._names}
+        self._v = {n: out["new.v." + n] for n in self._names}
+        return loss
+
+    def _gradients(self, tokens, positions, labels):
+        hp = np.array([0.0, 0.0, 0.5, 1.0, 0.0, 1.0, 2.0], dtype=np.float32)  # m' = g; see ort.py
+        _, out = self._run(tokens, positions, labels, hp)
+        return {n: out["new.m." + n] for n in self._names}
+
+    def _loss(self, tokens, positions, labels) -> float:
+        if self._loss_eval is None:
+            self._loss_eval = evaluator(str(self.art.path("eval_model.onnx")))
+        feeds = {**self._params, "tokens": tokens, "positions": positions, "labels": labels}
+        return float(self._loss_eval.run(["loss"], feeds)[0])
+
+    def _logits(self, tokens, positions) -> np.ndarray:
+        if self._fwd_eval is None:
+            self._fwd_eval = evaluator(str(self.art.path("forward.onnx")))
+        return self._fwd_eval.run(["logits"], {**self._params, "tokens": tokens, "positions": positions})[0]
+
+    def parameters(self):
+        return {n: a.copy() for n, a in self._params.items()}
+
+    def moments(self):
+        return {n: a.copy() for n, a in self._m.items()}, {n: a.copy() for n, a in self._v.items()}
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        if ckpt.adam_m is None or ckpt.adam_v is None:
+            if ckpt.step != 0:
+                raise CheckpointError(f"checkpoint at step {ckpt.step} holds no AdamW moments; cannot resume exactly")
+        else:
+            self._m = {n: ckpt.adam_m[n].copy() for n in self._names}
+            self._v = {n: ckpt.adam_v[n].copy() for n in self._names}
+        self._params = {n: ckpt.params[n].copy() for n in self._names}

@@ -1,0 +1,234 @@
+"""The training loop: batches in, losses out, with progress, checkpoints, a plot and a sample.
+
+Everything a run writes goes under ``--out``: ``log.jsonl`` (one JSON object per
+step: step, loss, lr, tokens_per_s, and val_loss where evaluated),
+``checkpoint.safetensors`` (resumable: parameters, moments, step, the data
+sampler's state), ``weights.safetensors`` (the trained weights alone),
+``loss.png`` and ``sample.txt``. The output folder is checked for writability
+before the first step, and checkpoints are atomic, so an interrupted run
+always leaves its last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import base
+from .data import BatchSampler, decode, dense_labels, encode, fixed_batches, load_tokens, train_val_split
+from .errors import DataError, GPT2OnnxError, InputError, TrainingDiverged
+from .hp import make_hp
+
+
+@dataclass
+class TrainOptions:
+    artifacts: str = "artifacts/small"
+    runtime: str = "ort-training"
+    device: str = "cpu"
+    steps: int = 2000
+    batch: int = 8
+    seq: int | None = None  # default: the artifacts' context
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup: int = 100
+    seed: int = 1
+    data: str | None = None
+    out: str = "runs/default"
+    eval_every: int = 250
+    eval_batches: int = 8
+    checkpoint_every: int = 500
+    threads: int | None = None
+    sample_bytes: int = 300
+    resume: str | None = None
+    progress: bool = True
+
+
+def lr_at(step: int, opts: TrainOptions) -> float:
+    """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr``."""
+    if opts.warmup > 0 and step <= opts.warmup:
+        return opts.lr * step / opts.warmup
+    span = max(1, opts.steps - opts.warmup)
+    frac = min(1.0, (step - opts.warmup) / span)
+    return opts.min_lr + 0.5 * (opts.lr - opts.min_lr) * (1.0 + math.cos(math.pi * frac))
+
+
+def _check_options(o: TrainOptions) -> None:
+    checks = [
+        ("steps", o.steps, o.steps >= 1, ">= 1"),
+        ("batch", o.batch, o.batch >= 1, ">= 1"),
+        ("lr", o.lr, o.lr >= 0 and math.isfinite(o.lr), ">= 0"),
+        ("min_lr", o.min_lr, 0 <= o.min_lr <= max(o.lr, 0), "in [0, lr]"),
+        ("warmup", o.warmup, o.warmup >= 0, ">= 0"),
+        ("eval_every", o.eval_every, o.eval_every >= 1, ">= 1"),
+        ("eval_batches", o.eval_batches, o.eval_batches >= 1, ">= 1"),
+        ("checkpoint_every", o.checkpoint_every, o.checkpoint_every >= 1, ">= 1"),
+        ("sample_bytes", o.sample_bytes, o.sample_bytes >= 0, ">= 0"),
+    ]
+    for name, value, ok, rng in checks:
+        if not ok:
+            raise InputError(f"--{name.replace('_', '-')} must be {rng}, got {value!r}")
+
+
+def _prepare_out(out: Path) -> None:
+    """Fail before training, not after an hour, when the output folder is unusable."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"--out {out} is not writable: {e.strerror or e}") from None
+
+
+def sample_text(rt: base.Runtime, prompt: str, n_bytes: int, temperature: float = 0.8, seed: int = 0) -> str:
+    """Generate ``n_bytes`` after ``prompt`` with forward.onnx, sliding a context-sized window."""
+    ctx = rt.art.config["context"]
+    ids = list(encode(prompt)) or [10]
+    rng = np.random.default_rng(seed)
+    for _ in range(n_bytes):
+        window = np.array(ids[-ctx:], dtype=np.int64)[None, :]
+        pos = np.arange(window.shape[1], dtype=np.int64)[None, :]
+        logits = rt.logits(window, pos)[0, -1].astype(np.float64) / temperature
+        p = np.exp(logits - logits.max())
+        ids.append(int(rng.choice(len(p), p=p / p.sum())))
+    return decode(np.array(ids, dtype=np.uint8))
+
+
+def _plot(log: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["step"] for r in log], [r["loss"] for r in log], lw=0.8, label="train loss")
+    val = [r for r in log if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.axhline(math.log(256), color="grey", ls=":", lw=0.8, label="ln(256)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train(opts: TrainOptions, echo=print) -> dict:
+    """Run (or resume) a training run; returns a summary dict."""
+    _check_options(opts)
+    out = Path(opts.out)
+    _prepare_out(out)
+
+    if opts.resume:
+        rt = base.resume(opts.resume, runtime=opts.runtime, device=opts.device, threads=opts.threads,
+                         artifacts=opts.artifacts)
+    else:
+        rt = base.load(opts.artifacts, opts.runtime, opts.device, opts.threads)
+    cfg = rt.art.config
+    if cfg["vocab"] < 256:
+        raise DataError(f"byte-level data needs vocab >= 256; these artifacts have vocab {cfg['vocab']}")
+    seq = opts.seq or cfg["context"]
+    if not 1 <= seq <= cfg["context"]:
+        raise InputError(f"--seq must be in [1, {cfg['context']}] (the context), got {seq}")
+
+    tokens = load_tokens(opts.data)
+    train_ids, val_ids = train_val_split(tokens)
+    name = opts.data or "default corpus (Python standard library sources)"
+    sampler = BatchSampler(train_ids, opts.batch, seq, seed=opts.seed, vocab=cfg["vocab"], name=name)
+    val_seq = min(seq, len(val_ids) - 1)
+    if val_seq < 1:
+        raise DataError(f"{name}: the validation split holds {len(val_ids)} tokens, too few for one sequence")
+    val_batches = fixed_batches(val_ids, opts.batch, val_seq, opts.eval_batches, seed=12345)
+    if cfg["labels"] == "dense":
+        val_batches = [(t, p, dense_labels(l, cfg["vocab"])) for t, p, l in val_batches]
+    if opts.resume and "sampler" in rt.resumed_extra:
+        sampler.load_state_dict(rt.resumed_extra["sampler"])
+
+    def val_loss() -> float:
+        return float(np.mean([rt.loss(*b) for b in val_batches]))
+
+    def checkpoint() -> None:
+        rt.save(out / "checkpoint.safetensors", extra={"sampler": sampler.state_dict(), "options": asdict(opts)})
+
+    log_path = out / "log.jsonl"
+    log: list[dict] = []
+    if opts.resume and log_path.exists():
+        log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        log = [r for r in log if r["step"] <= rt.step_count]
+    echo(
+        f"training {rt.art.folder} on {opts.runtime}/{opts.device}: {len(train_ids):,} train bytes, "
+        f"{len(val_ids):,} validation bytes, batch {opts.batch}x{seq}, steps {rt.step_count + 1}..{opts.steps}"
+    )
+    first_val = val_loss()
+    echo(f"validation loss at step {rt.step_count}: {first_val:.4f}")
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=opts.steps, initial=rt.step_count, disable=not opts.progress, unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    tokens_done = 0
+    with open(log_path, "w") as logf:
+        for r in log:  # a resumed run keeps the log up to its checkpoint
+            logf.write(json.dumps(r) + "\n")
+        while rt.step_count < opts.steps:
+            t = rt.step_count + 1
+            batch = sampler.next()
+            if cfg["labels"] == "dense":
+                batch = (batch[0], batch[1], dense_labels(batch[2], cfg["vocab"]))
+            lr = lr_at(t, opts)
+            hp = make_hp(lr, cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"], step=t)
+            t0 = time.perf_counter()
+            loss = rt.step(*batch, hp)
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                bar.close()
+                raise TrainingDiverged(
+                    f"loss became {loss} at step {t}; the last good checkpoint is {out / 'checkpoint.safetensors'} "
+                    f"(continue with --resume and a lower --lr)"
+                )
+            tokens_done += batch[0].size
+            row = {"step": t, "loss": loss, "lr": lr, "tokens_per_s": batch[0].size / dt}
+            if t % opts.eval_every == 0 or t == opts.steps:
+                row["val_loss"] = val_loss()
+            log.append(row)
+            logf.write(json.dumps(row) + "\n")
+            logf.flush()
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
+            bar.update(1)
+            if t % opts.checkpoint_every == 0 or t == opts.steps:
+                checkpoint()
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    rt.export_weights(out / "weights.safetensors")
+    _plot(log, out / "loss.png")
+    final_val = log[-1].get("val_loss", val_loss()) if log else first_val
+    summary = {
+        "steps": rt.step_count,
+        "first_val_loss": first_val,
+        "final_val_loss": final_val,
+        "seconds": elapsed,
+        "tokens_per_s": tokens_done / elapsed if elapsed > 0 else None,
+        "out": str(out),
+    }
+    if opts.sample_bytes:
+        text = sample_text(rt, "def ", opts.sample_bytes, seed=opts.seed)
+        (out / "sample.txt").write_text(text)
+        summary["sample"] = text
+    with open(out / "summary.json", "w") as f:
+        json.dump({k: v for k, v in summary.items() if k != "sample"}, f, indent=1)
+    return summary
+
+
+__all__ = ["TrainOptions", "train", "lr_at", "sample_text", "GPT2OnnxError"]

@@ -1,0 +1,39 @@
+"""Shared fixtures: artifact folders built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.oracle and the packages, from any working directory
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def _build(tmp_path_factory, name: str, **overrides) -> Path:
+    from graphgen.artifacts import build_artifacts
+    from graphgen.config import GPT2Config
+
+    out = tmp_path_factory.mktemp("artifacts") / name
+    build_artifacts(GPT2Config.preset("tiny", **overrides), out, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tmp_path_factory) -> Path:
+    """tiny preset, index labels, default AdamW constants, seed 42, lcg init."""
+    return _build(tmp_path_factory, "tiny-index")
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(tmp_path_factory) -> Path:
+    """tiny preset, dense labels."""
+    return _build(tmp_path_factory, "tiny-dense", labels="dense")
+
+
+@pytest.fixture(scope="session", params=["index", "dense"])
+def tiny_artifacts(request, tiny_index, tiny_dense) -> Path:
+    return tiny_index if request.param == "index" else tiny_dense

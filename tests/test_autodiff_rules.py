@@ -1,0 +1,322 @@
+"""Finite-difference checks of every VJP rule in graphgen.vjp_rules.
+
+Each case is a tiny float64 graph (one or a few nodes). The backward pass is built
+with ``add_vjp`` for a random cotangent ``c`` on every output; the result must equal
+the central finite difference of ``sum(c * f(x))`` for every element of every
+differentiable input. Graphs run in ``onnx.reference.ReferenceEvaluator``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from graphgen.autodiff import UnsupportedOpError, add_gradients, add_vjp
+from graphgen.vjp_rules import RULES
+
+OPSET = 17
+
+
+class GatherElements(OpRun):
+    """onnx 1.23's reference GatherElements mishandles axis=-1 and more than 32/64 classes."""
+
+    op_domain = ""
+
+    def _run(self, data, indices, axis=None):
+        axis = 0 if axis is None else axis
+        idx = np.where(indices < 0, indices + data.shape[axis], indices)
+        return (np.take_along_axis(data, idx, axis=axis),)
+
+
+def evaluator(model):
+    return ReferenceEvaluator(model, new_ops=[GatherElements])
+
+
+def np_to_tp(a: np.ndarray) -> int:
+    return h.np_dtype_to_tensor_dtype(a.dtype)
+
+
+def build(nodes, diff, consts=None, inits=None, outputs=("y",), sym=None):
+    consts = consts or {}
+    inits = inits or {}
+    sym = sym or {}
+    inputs = [h.make_tensor_value_info(n, np_to_tp(a), sym.get(n, list(a.shape))) for n, a in diff.items()]
+    inputs += [h.make_tensor_value_info(n, np_to_tp(a), list(a.shape)) for n, a in consts.items()]
+    outs = [h.make_tensor_value_info(o, TP.UNDEFINED, None) for o in outputs]
+    g = h.make_graph(nodes, "case", inputs, outs, [nh.from_array(np.asarray(v), k) for k, v in inits.items()])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", OPSET)])
+    m.ir_version = 10
+    return m
+
+
+def check_vjp(nodes, diff, consts=None, inits=None, outputs=("y",), sym=None, eps=1e-6, rtol=1e-6,
+              atol=1e-8, seed=0):
+    rng = np.random.default_rng(seed)
+    consts = consts or {}
+    fwd = build(nodes, diff, consts, inits, outputs, sym)
+    run_f = evaluator(fwd)
+    feeds = {**diff, **consts}
+    ys = run_f.run(None, feeds)
+    cts = {f"ct.{o}": rng.standard_normal(y.shape).astype(y.dtype) for o, y in zip(outputs, ys)}
+
+    bwd = copy.deepcopy(fwd)
+    for o, y in zip(outputs, ys):
+        bwd.graph.input.append(h.make_tensor_value_info(f"ct.{o}", np_to_tp(y), list(y.shape)))
+    grads = add_vjp(bwd, list(outputs), list(cts), list(diff))
+    del bwd.graph.output[:]
+    for n, gname in grads.items():
+        bwd.graph.node.append(h.make_node("Identity", [gname], [f"grad.{n}"]))
+        bwd.graph.output.append(h.make_tensor_value_info(f"grad.{n}", np_to_tp(diff[n]), list(diff[n].shape)))
+    onnx.checker.check_model(bwd, full_check=True)
+    onnx.shape_inference.infer_shapes(bwd, check_type=True, strict_mode=True)
+    got = dict(zip([o.name for o in bwd.graph.output], evaluator(bwd).run(None, {**feeds, **cts})))
+
+    def f(fd):
+        return sum(float(np.sum(ct.astype(np.float64) * y.astype(np.float64)))
+                   for ct, y in zip(cts.values(), run_f.run(None, fd)))
+
+    for n, x in diff.items():
+        fd_grad = np.zeros(x.shape)
+        for j in range(x.size):
+            xp = x.copy()
+            xp.flat[j] += eps
+            fp = f({**feeds, n: xp})
+            xp.flat[j] -= 2 * eps
+            fm = f({**feeds, n: xp})
+            fd_grad.flat[j] = (fp - fm) / (2 * eps)
+        g = got[f"grad.{n}"]
+        assert g.shape == x.shape, (n, g.shape, x.shape)
+        np.testing.assert_allclose(g, fd_grad, rtol=rtol, atol=atol, err_msg=f"gradient of {n}")
+    return bwd
+
+
+R = np.random.default_rng(1234)
+
+
+def rn(*shape):
+    return R.standard_normal(shape)
+
+
+def pos(*shape):
+    return R.uniform(0.5, 2.0, shape)
+
+
+N = h.make_node
+I64 = np.int64
+
+# name -> kwargs for check_vjp
+CASES = {
+    "add_bcast_trailing": dict(nodes=[N("Add", ["a", "b"], ["y"])], diff={"a": rn(2, 3, 4), "b": rn(4)}),
+    "add_bcast_both": dict(nodes=[N("Add", ["a", "b"], ["y"])], diff={"a": rn(2, 1, 4), "b": rn(3, 1)}),
+    "add_bcast_symbolic": dict(nodes=[N("Add", ["a", "b"], ["y"])], diff={"a": rn(2, 3, 4), "b": rn(1, 4)},
+                               sym={"a": ["N", "T", 4], "b": ["U", 4]}),
+    "add_same_symbolic": dict(nodes=[N("Add", ["a", "b"], ["y"])], diff={"a": rn(2, 3), "b": rn(2, 3)},
+                              sym={"a": ["N", "T"], "b": ["N", "T"]}),
+    "sub_bcast": dict(nodes=[N("Sub", ["a", "b"], ["y"])], diff={"a": rn(3, 4), "b": rn(2, 1, 4)}),
+    "mul_bcast": dict(nodes=[N("Mul", ["a", "b"], ["y"])], diff={"a": rn(2, 3, 4), "b": rn(1, 3, 1)}),
+    "mul_scalar_const": dict(nodes=[N("Mul", ["a", "k"], ["y"])], diff={"a": rn(2, 3)},
+                             inits={"k": np.array(0.7)}),
+    "div_bcast": dict(nodes=[N("Div", ["a", "b"], ["y"])], diff={"a": rn(2, 3), "b": pos(3)}),
+    "neg": dict(nodes=[N("Neg", ["a"], ["y"])], diff={"a": rn(2, 3)}),
+    "sum_variadic": dict(nodes=[N("Sum", ["a", "b", "c"], ["y"])], diff={"a": rn(2, 3), "b": rn(3), "c": rn(2, 1)}),
+    "pow_3": dict(nodes=[N("Pow", ["a", "p"], ["y"])], diff={"a": rn(2, 3)}, inits={"p": np.array(3.0)}),
+    "pow_2_f32_exponent": dict(nodes=[N("Pow", ["a", "p"], ["y"])], diff={"a": rn(2, 3)},
+                               inits={"p": np.array(2.0, np.float32)}),
+    "pow_half_constant_node": dict(
+        nodes=[N("Constant", [], ["p"], value=nh.from_array(np.array(0.5))), N("Pow", ["a", "p"], ["y"])],
+        diff={"a": pos(2, 3)}),
+    "pow_runtime_exponent": dict(nodes=[N("Pow", ["a", "p"], ["y"])], diff={"a": pos(2, 3)},
+                                 consts={"p": np.array([1.5, 2.5, 3.0])}),
+    "tanh": dict(nodes=[N("Tanh", ["a"], ["y"])], diff={"a": rn(2, 3)}),
+    "sigmoid": dict(nodes=[N("Sigmoid", ["a"], ["y"])], diff={"a": rn(2, 3)}),
+    "exp": dict(nodes=[N("Exp", ["a"], ["y"])], diff={"a": rn(2, 3)}),
+    "log": dict(nodes=[N("Log", ["a"], ["y"])], diff={"a": pos(2, 3)}),
+    "sqrt": dict(nodes=[N("Sqrt", ["a"], ["y"])], diff={"a": pos(2, 3)}),
+    "reciprocal": dict(nodes=[N("Reciprocal", ["a"], ["y"])], diff={"a": pos(2, 3)}),
+    # the reference Erf computes in float32
+    "erf": dict(nodes=[N("Erf", ["a"], ["y"])], diff={"a": rn(2, 3)}, eps=1e-3, rtol=1e-3, atol=3e-4),
+    "relu": dict(nodes=[N("Relu", ["a"], ["y"])], diff={"a": np.array([[-1.0, 0.5, 2.0], [0.3, -0.2, -3.0]])}),
+    "matmul_2d": dict(nodes=[N("MatMul", ["a", "b"], ["y"])], diff={"a": rn(3, 4), "b": rn(4, 2)}),
+    "matmul_3d_2d": dict(nodes=[N("MatMul", ["a", "b"], ["y"])], diff={"a": rn(2, 3, 4), "b": rn(4, 5)}),
+    "matmul_3d_2d_symbolic": dict(nodes=[N("MatMul", ["a", "b"], ["y"])], diff={"a": rn(2, 3, 4), "b": rn(4, 5)},
+                                  sym={"a": ["B", "T", "K"]}),
+    "matmul_4d_4d": dict(nodes=[N("MatMul", ["a", "b"], ["y"])], diff={"a": rn(2, 2, 3, 4), "b": rn(2, 2, 4, 3)}),
+    "matmul_batch_bcast": dict(nodes=[N("MatMul", ["a", "b"], ["y"])], diff={"a": rn(2, 1, 3, 4), "b": rn(3, 4, 2)}),
+    "matmul_2d_3d": dict(nodes=[N("MatMul", ["a", "b"], ["y"])], diff={"a": rn(3, 4), "b": rn(2, 4, 2)}),
+    "transpose_perm": dict(nodes=[N("Transpose", ["a"], ["y"], perm=[2, 0, 1])], diff={"a": rn(2, 3, 4)}),
+    "transpose_default": dict(nodes=[N("Transpose", ["a"], ["y"])], diff={"a": rn(2, 3, 4)}),
+    "reshape_copy_dim": dict(nodes=[N("Reshape", ["a", "s"], ["y"])], diff={"a": rn(2, 3, 4)},
+                             inits={"s": np.array([0, -1, 2], I64)}),
+    "unsqueeze": dict(nodes=[N("Unsqueeze", ["a", "ax"], ["y"])], diff={"a": rn(2, 3)},
+                      inits={"ax": np.array([0, -1], I64)}),
+    "squeeze": dict(nodes=[N("Squeeze", ["a", "ax"], ["y"])], diff={"a": rn(2, 1, 3)},
+                    inits={"ax": np.array([1], I64)}),
+    "flatten": dict(nodes=[N("Flatten", ["a"], ["y"], axis=2)], diff={"a": rn(2, 3, 2)}),
+    "identity": dict(nodes=[N("Identity", ["a"], ["y"])], diff={"a": rn(2, 3)}),
+    "cast_f64_f32_f64": dict(nodes=[N("Cast", ["a"], ["a32"], to=TP.FLOAT), N("Tanh", ["a32"], ["t"]),
+                                    N("Cast", ["t"], ["y"], to=TP.DOUBLE)],
+                             diff={"a": rn(2, 3)}, eps=1e-3, rtol=1e-3, atol=1e-5),
+    "expand": dict(nodes=[N("Expand", ["a", "s"], ["y"])], diff={"a": rn(3, 1)},
+                   inits={"s": np.array([2, 3, 4], I64)}),
+    "concat_with_const_input": dict(nodes=[N("Concat", ["a", "k", "b"], ["y"], axis=1)],
+                                    diff={"a": rn(2, 1, 3), "b": rn(2, 2, 3)}, consts={"k": rn(2, 3, 3)}),
+    "concat_symbolic": dict(nodes=[N("Concat", ["a", "b"], ["y"], axis=-1)], diff={"a": rn(2, 3), "b": rn(2, 2)},
+                            sym={"a": ["N", "P"], "b": ["N", "Q"]}),
+    "split_partial_use": dict(nodes=[N("Split", ["a", "s"], ["y0", "y1", "y2"], axis=1)], diff={"a": rn(2, 6)},
+                              inits={"s": np.array([1, 2, 3], I64)}, outputs=("y0", "y2")),
+    "split_equal": dict(nodes=[N("Split", ["a"], ["y0", "y1"], axis=-1)], diff={"a": rn(3, 4)},
+                        outputs=("y0", "y1")),
+    "slice_pad_path": dict(nodes=[N("Slice", ["a", "st", "en", "ax"], ["y"])], diff={"a": rn(3, 5)},
+                           inits={"st": np.array([1, -4], I64), "en": np.array([100, -1], I64),
+                                  "ax": np.array([0, 1], I64)}),
+    "slice_steps": dict(nodes=[N("Slice", ["a", "st", "en", "ax", "sp"], ["y"])], diff={"a": rn(4, 5)},
+                        inits={"st": np.array([-1, 0], I64), "en": np.array([-100, 5], I64),
+                               "ax": np.array([0, 1], I64), "sp": np.array([-2, 2], I64)}),
+    "slice_runtime_bounds": dict(nodes=[N("Slice", ["a", "st", "en"], ["y"])], diff={"a": rn(4, 3)},
+                                 consts={"st": np.array([1, 0], I64), "en": np.array([3, 2], I64)}),
+    "layernorm_last_axis": dict(
+        nodes=[N("LayerNormalization", ["x", "g", "b"], ["y", "mu", "rs"], axis=-1, epsilon=1e-5)],
+        diff={"x": rn(2, 3, 5), "g": rn(5), "b": rn(5)}),
+    "layernorm_axis1_no_bias": dict(nodes=[N("LayerNormalization", ["x", "g"], ["y"], axis=1, epsilon=1e-3)],
+                                    diff={"x": rn(2, 3, 4), "g": rn(3, 4)}),
+    "softmax_last": dict(nodes=[N("Softmax", ["a"], ["y"], axis=-1)], diff={"a": rn(2, 3, 4)}),
+    "softmax_axis1": dict(nodes=[N("Softmax", ["a"], ["y"], axis=1)], diff={"a": rn(2, 3, 4)}),
+    "logsoftmax": dict(nodes=[N("LogSoftmax", ["a"], ["y"], axis=-1)], diff={"a": rn(2, 3, 5)}),
+    "gather_elements_last_repeated": dict(
+        nodes=[N("GatherElements", ["a", "i"], ["y"], axis=-1)], diff={"a": rn(2, 3, 5)},
+        consts={"i": np.array([[[0, 0, 4, -1]] * 3] * 2, I64)}),
+    "gather_elements_axis0": dict(nodes=[N("GatherElements", ["a", "i"], ["y"], axis=0)], diff={"a": rn(3, 2)},
+                                  consts={"i": np.array([[2, 0], [2, 2]], I64)}),
+    "gather_rows_repeated": dict(nodes=[N("Gather", ["w", "i"], ["y"], axis=0)], diff={"w": rn(5, 4)},
+                                 consts={"i": np.array([[0, 3, 3], [4, 0, 3]], I64)}),
+    "gather_negative_indices": dict(nodes=[N("Gather", ["w", "i"], ["y"])], diff={"w": rn(5, 2)},
+                                    consts={"i": np.array([-1, 4, 0, -5], I64)}),
+    "gather_const_indices_int32": dict(nodes=[N("Gather", ["w", "i"], ["y"])], diff={"w": rn(4, 3)},
+                                       inits={"i": np.array([1, 1, 3], np.int32)}),
+    "gather_axis1": dict(nodes=[N("Gather", ["w", "i"], ["y"], axis=1)], diff={"w": rn(2, 4, 3)},
+                         consts={"i": np.array([[3, 0], [3, 3]], I64)}),
+    "gather_symbolic_table": dict(nodes=[N("Gather", ["w", "i"], ["y"])], diff={"w": rn(4, 3)},
+                                  consts={"i": np.array([-1, 2, 2], I64)}, sym={"w": ["V", 3]}),
+    "reduce_mean_keep0": dict(nodes=[N("ReduceMean", ["a"], ["y"], axes=[1], keepdims=0)], diff={"a": rn(2, 3, 4)}),
+    "reduce_mean_all": dict(nodes=[N("ReduceMean", ["a"], ["y"], keepdims=0)], diff={"a": rn(2, 3)}),
+    "reduce_mean_symbolic": dict(nodes=[N("ReduceMean", ["a"], ["y"], axes=[-1, 0], keepdims=1)],
+                                 diff={"a": rn(2, 3, 4)}, sym={"a": ["B", 3, "K"]}),
+    "reduce_sum_keep0": dict(nodes=[N("ReduceSum", ["a", "ax"], ["y"], keepdims=0)], diff={"a": rn(2, 3, 4)},
+                             inits={"ax": np.array([-1, 0], I64)}),
+    "reduce_sum_keep1": dict(nodes=[N("ReduceSum", ["a", "ax"], ["y"], keepdims=1)], diff={"a": rn(2, 3)},
+                             inits={"ax": np.array([1], I64)}),
+    "reduce_sum_all": dict(nodes=[N("ReduceSum", ["a"], ["y"], keepdims=0)], diff={"a": rn(2, 3)}),
+    "reduce_sum_noop": dict(nodes=[N("ReduceSum", ["a"], ["y"], keepdims=0, noop_with_empty_axes=1)],
+                            diff={"a": rn(2, 3)}),
+    "where_bcast": dict(nodes=[N("Where", ["c", "a", "b"], ["y"])], diff={"a": rn(2, 3, 4), "b": rn(4)},
+                        consts={"c": R.random((3, 4)) > 0.5}),
+    "where_mask_scalar_fill": dict(nodes=[N("Where", ["c", "a", "k"], ["y"])], diff={"a": rn(2, 3, 3)},
+                                   consts={"c": np.tril(np.ones((3, 3), bool))}, inits={"k": np.array(-3.0)}),
+    # x used by several nodes: contributions are summed
+    "value_used_twice": dict(nodes=[N("Mul", ["a", "a"], ["sq"]), N("Mul", ["a", "w"], ["aw"]),
+                                    N("Add", ["sq", "aw"], ["s"]), N("Add", ["s", "a"], ["y"])],
+                             diff={"a": rn(2, 3), "w": rn(3)}),
+    "tied_embedding": dict(nodes=[N("Gather", ["w", "i"], ["e"]), N("Transpose", ["w"], ["wT"], perm=[1, 0]),
+                                  N("MatMul", ["e", "wT"], ["y"])],
+                           diff={"w": rn(5, 3)}, consts={"i": np.array([[1, 1, 4]], I64)}),
+    "integer_subgraph_not_differentiated": dict(
+        nodes=[N("Shape", ["a"], ["sa"]), N("Cast", ["sa"], ["saf"], to=TP.DOUBLE), N("ReduceSum", ["saf"], ["n"]),
+               N("Reshape", ["a", "sa"], ["ar"]), N("Mul", ["ar", "n"], ["y"])],
+        diff={"a": rn(2, 3)}),
+    "two_outputs": dict(nodes=[N("Tanh", ["a"], ["y0"]), N("Mul", ["y0", "a"], ["y1"])], diff={"a": rn(3)},
+                        outputs=("y0", "y1")),
+    "unused_param_gets_zeros": dict(nodes=[N("Tanh", ["a"], ["y"])], diff={"a": rn(3), "u": rn(2, 2)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rule_matches_finite_differences(name):
+    kw = dict(CASES[name])
+    kw["diff"] = {k: np.asarray(v, np.float64).copy() for k, v in kw["diff"].items()}
+    check_vjp(**kw)
+
+
+def test_required_rules_present():
+    required = ["Gather", "Add", "Sub", "Mul", "Div", "Neg", "Pow", "Tanh", "MatMul", "Transpose", "Reshape",
+                "Concat", "Split", "Slice", "Unsqueeze", "Squeeze", "Identity", "Cast", "Expand",
+                "LayerNormalization", "Softmax", "LogSoftmax", "GatherElements", "ReduceMean", "ReduceSum", "Where"]
+    assert not [op for op in required if op not in RULES]
+
+
+def test_every_rule_is_exercised():
+    used = {n.op_type for case in CASES.values() for n in case["nodes"]}
+    assert not set(RULES) - used, f"rules without a finite-difference case: {sorted(set(RULES) - used)}"
+
+
+def test_dynamic_reduction_path_used_for_ambiguous_symbolic_broadcast():
+    bwd = check_vjp(**CASES["add_bcast_symbolic"])
+    assert any(n.op_type == "Compress" for n in bwd.graph.node)
+    bwd = check_vjp(**CASES["add_same_symbolic"])
+    assert not any(n.op_type in ("Compress", "ReduceSum") for n in bwd.graph.node)
+
+
+def test_gather_gradient_uses_scatter_add():
+    bwd = check_vjp(**CASES["gather_rows_repeated"])
+    sc = [n for n in bwd.graph.node if n.op_type == "ScatterND"]
+    assert sc and all(h.get_attribute_value(a) == b"add" for n in sc for a in n.attribute if a.name == "reduction")
+
+
+def test_layernorm_float32_uses_saved_statistics_and_matches_float64():
+    x, g, b = rn(2, 3, 6), rn(6), rn(6)
+    ln = [N("LayerNormalization", ["x", "g", "b"], ["y", "mu", "rs"], axis=-1, epsilon=1e-5)]
+    ct = rn(2, 3, 6)
+    results = []
+    for dt in (np.float64, np.float32):
+        diff = {"x": x.astype(dt), "g": g.astype(dt), "b": b.astype(dt)}
+        m = build(ln, diff)
+        m.graph.input.append(h.make_tensor_value_info("ct", np_to_tp(diff["x"]), [2, 3, 6]))
+        grads = add_vjp(m, ["y"], ["ct"], ["x", "g", "b"])
+        del m.graph.output[:]
+        for k, v in grads.items():
+            m.graph.output.append(h.make_tensor_value_info(v, np_to_tp(diff[k]), None))
+        uses_saved = any("rs" in n.input for n in m.graph.node[1:])
+        assert uses_saved == (dt == np.float32)
+        results.append(evaluator(m).run(None, {**diff, "ct": ct.astype(dt)}))
+    for a, b_ in zip(*results):
+        np.testing.assert_allclose(b_, a, rtol=1e-4, atol=1e-5)
+
+
+def test_add_gradients_scalar_loss_and_names():
+    m = build([N("Mul", ["a", "a"], ["sq"]), N("ReduceSum", ["sq"], ["loss"], keepdims=0)], {"a": rn(4)},
+              outputs=("loss",))
+    grads = add_gradients(m, "loss", ["a"], grad_names={"a": "grad.a"})
+    assert grads == {"a": "grad.a"}
+    m.graph.output.append(h.make_tensor_value_info("grad.a", TP.DOUBLE, [4]))
+    a = np.arange(4.0)
+    loss, ga = evaluator(m).run(None, {"a": a})
+    np.testing.assert_allclose(ga, 2 * a)
+
+
+def test_unsupported_op_on_path_raises_with_op_and_node_name():
+    m = build([N("Cos", ["a"], ["c"], name="my_cos"), N("ReduceSum", ["c"], ["loss"], keepdims=0)],
+              {"a": rn(3)}, outputs=("loss",))
+    with pytest.raises(UnsupportedOpError, match=r"Cos.*my_cos"):
+        add_gradients(m, "loss", ["a"])
+    assert issubclass(UnsupportedOpError, ValueError)
+
+
+def test_unsupported_op_off_path_is_ignored():
+    # Cos only touches a non-parameter input: no rule needed
+    m = build([N("Cos", ["k"], ["c"], name="const_cos"), N("Mul", ["a", "c"], ["p"]),
+               N("ReduceSum", ["p"], ["loss"], keepdims=0)], {"a": rn(3)}, consts={"k": rn(3)}, outputs=("loss",))
+    add_gradients(m, "loss", ["a"])
+
+
+def test_non_constant_pow_exponent_on_path_raises():
+    m = build([N("Pow", ["a", "e"], ["p"], name="pw"), N("ReduceSum", ["p"], ["loss"], keepdims=0)],
+              {"a": pos(3), "e": rn(3)}, outputs=("loss",))
+    with pytest.raises(UnsupportedOpError, match="Pow.*pw"):
+        add_gradients(m, "loss", ["a", "e"])
