@@ -32,9 +32,13 @@ def rel_err(a: np.ndarray, ref: np.ndarray, floor: float = 0.0) -> float:
     return float(np.abs(a.astype(np.float64) - ref).max()) / (denom if denom > 0 else 1.0)
 
 
-def grad_errors(grads: dict, ref: dict) -> dict[str, float]:
+def floored_errors(ours: dict, ref: dict) -> dict[str, float]:
+    """Per-tensor relative errors with the floor 1e-3 x the largest |ref| of the set."""
     floor = 1e-3 * max(float(np.abs(g).max()) for g in ref.values())
-    return {n: rel_err(grads[n], ref[n], floor) for n in ref}
+    return {n: rel_err(ours[n], ref[n], floor) for n in ref}
+
+
+grad_errors = floored_errors
 
 
 def report(title: str, errors: dict[str, float], tol: float) -> None:
@@ -58,10 +62,18 @@ def is_null_gradient(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in NULL_GRADIENT
 
 
-def compare_state(title: str, ours: dict, ref: dict, tol: float, drift_bound: float | None = None) -> None:
-    """Relative per-tensor errors for every tensor but b_k; b_k within drift_bound (absolute)."""
-    report(title, {n: rel_err(ours[n], ref[n]) for n in ref if not is_null_gradient(n)}, tol)
-    if drift_bound is not None:
-        drift = max(float(np.abs(ours[n].astype(np.float64) - ref[n]).max()) for n in ref if is_null_gradient(n))
-        print(f"  b_k (zero gradient) drift {drift:.3g} <= bound {drift_bound:.3g}")
-        assert drift <= drift_bound
+def compare_state(title: str, ours: dict, ref: dict, tol: float, lr: float, steps: int) -> None:
+    """Parameters after training: relative per-tensor errors, b_k held to its drift bound.
+
+    The denominator is max(max |ref|, lr x steps). A tensor that starts at zero
+    (every bias) is made only of AdamW updates, each at most ~lr per element, and
+    AdamW divides each element's moment by its own root-mean-square: an element
+    whose gradient is tiny (near-cancelling sums) moves by a full ~lr step on
+    float32 rounding alone, differently in every implementation. lr x steps is
+    the scale of what training can have changed, so errors are relative to it.
+    """
+    report(title, {n: rel_err(ours[n], ref[n], lr * steps) for n in ref if not is_null_gradient(n)}, tol)
+    bound = 2 * lr * steps
+    drift = max(float(np.abs(ours[n].astype(np.float64) - ref[n]).max()) for n in ref if is_null_gradient(n))
+    print(f"  b_k (zero gradient) drift {drift:.3g} <= bound {bound:.3g}")
+    assert drift <= bound

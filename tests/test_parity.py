@@ -1,0 +1,204 @@
+"""Cross-runtime parity: every runtime on the same artifacts and batches, against the torch oracle.
+
+Runtimes: ort-training (ONNX Runtime's gradient builder + fused AdamW kernel on
+the training set), ort (our autodiff + AdamW in train_step.onnx on onnxruntime
+1.19 here, and on a current onnxruntime release in .venv-ort), reference
+(onnx.reference.ReferenceEvaluator on train_step.onnx). The two backward
+derivations are independent; the oracle (tests/oracle, PyTorch autograd and
+torch.optim.AdamW) is independent of both.
+
+Tolerances (float32), each error printed per tensor (pytest -s, or on failure):
+  loss and logits at init ........ 1e-5 absolute
+  gradients at step 1 ............ 1e-5 relative per tensor
+  losses over 20 AdamW steps ..... 1e-4 absolute
+  parameters and moments after 20  1e-4 relative per tensor
+(b_k's exact gradient is zero; see parity_util for how it is held.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtimes
+from tests.oracle.torch_gpt2 import TorchGPT2
+from tests.parity_util import batches, compare_state, floored_errors, grad_errors, report
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIMES = ["ort-training", "ort", "reference"]
+MODES = ["index", "dense"]
+STEPS, LR, BETAS, EPS, WD = 20, 1e-3, (0.9, 0.999), 1e-8, 0.01
+ORT_CURRENT_PY = ROOT / ".venv-ort" / "bin" / "python"
+
+_cache: dict = {}
+
+
+def _folder(mode, tiny_index, tiny_dense):
+    return tiny_index if mode == "index" else tiny_dense
+
+
+def _data(cfg):
+    init_batch = batches(cfg, 1, batch=3, seq=cfg["context"], seed=7)[0]
+    short_batch = batches(cfg, 1, batch=2, seq=19, seed=8)[0]
+    return init_batch, short_batch, batches(cfg, STEPS, batch=2, seed=9)
+
+
+def run_oracle(folder: Path) -> dict:
+    art = runtimes.load(folder, runtime="reference", verify=False).art
+    init_batch, short_batch, train_batches = _data(art.config)
+    o = TorchGPT2(art.config, art.initial_weights())
+    loss0, grads = o.grads(*init_batch)
+    res = {
+        "logits": o.logits(*init_batch[:2]), "loss": loss0, "grads": grads,
+        "short_logits": o.logits(*short_batch[:2]), "short_loss": o.loss(*short_batch),
+    }
+    res["losses"] = o.train(train_batches, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    res["params"] = o.parameters()
+    res["m"], res["v"] = o.moments()
+    return res
+
+
+def run_runtime(rt) -> dict:
+    init_batch, short_batch, train_batches = _data(rt.art.config)
+    res = {
+        "logits": rt.logits(*init_batch[:2]), "loss": rt.loss(*init_batch), "grads": rt.gradients(*init_batch),
+        "short_logits": rt.logits(*short_batch[:2]), "short_loss": rt.loss(*short_batch),
+    }
+    res["losses"] = [rt.step(*b, runtimes.make_hp(LR, *BETAS, EPS, WD, step=t + 1)) for t, b in enumerate(train_batches)]
+    res["params"] = rt.parameters()
+    res["m"], res["v"] = rt.moments()
+    return res
+
+
+def results(key, folder, make):
+    if key not in _cache:
+        _cache[key] = make(folder)
+    return _cache[key]
+
+
+@pytest.fixture(params=MODES)
+def mode(request):
+    return request.param
+
+
+@pytest.fixture
+def oracle(mode, tiny_index, tiny_dense):
+    return results(("oracle", mode), _folder(mode, tiny_index, tiny_dense), run_oracle)
+
+
+@pytest.fixture(params=RUNTIMES)
+def ours(request, mode, tiny_index, tiny_dense):
+    name = request.param
+    res = results((name, mode), _folder(mode, tiny_index, tiny_dense),
+                  lambda f: run_runtime(runtimes.load(f, runtime=name)))
+    return name, res
+
+
+def test_init_logits_and_loss(ours, oracle, mode):
+    name, r = ours
+    errs = {
+        "logits (B=3, T=context)": float(np.abs(r["logits"] - oracle["logits"]).max()),
+        "loss (B=3, T=context)": abs(r["loss"] - oracle["loss"]),
+        "logits (B=2, T=19)": float(np.abs(r["short_logits"] - oracle["short_logits"]).max()),
+        "loss (B=2, T=19)": abs(r["short_loss"] - oracle["short_loss"]),
+    }
+    report(f"{name} vs torch at init, {mode} labels (absolute)", errs, 1e-5)
+
+
+def test_step1_gradients(ours, oracle, mode):
+    name, r = ours
+    report(f"{name} gradients vs torch, {mode} labels", grad_errors(r["grads"], oracle["grads"]), 1e-5)
+
+
+def test_20_step_losses(ours, oracle, mode):
+    name, r = ours
+    diff = np.abs(np.array(r["losses"]) - np.array(oracle["losses"]))
+    report(f"{name} 20-step AdamW losses vs torch, {mode} labels (absolute)",
+           {f"step {i + 1}": float(d) for i, d in enumerate(diff)}, 1e-4)
+    assert r["losses"][-1] < r["losses"][0] - 0.2  # it learns
+
+
+def test_20_step_parameters_and_moments(ours, oracle, mode):
+    name, r = ours
+    compare_state(f"{name} parameters after 20 steps, {mode} labels", r["params"], oracle["params"], 1e-4, LR, STEPS)
+    report(f"{name} first moments after 20 steps, {mode} labels", floored_errors(r["m"], oracle["m"]), 1e-4)
+    report(f"{name} second moments after 20 steps, {mode} labels", floored_errors(r["v"], oracle["v"]), 1e-4)
+
+
+# --- the portable step on a current onnxruntime release -------------------------
+
+CURRENT_ORT_SCRIPT = r"""
+import json, sys
+import numpy as np
+import onnxruntime, runtimes
+from tests.parity_util import batches
+folder, out = sys.argv[1], sys.argv[2]
+rt = runtimes.load(folder, runtime="ort")
+tb = batches(rt.art.config, 20, batch=2, seed=9)
+losses = [rt.step(*b, runtimes.make_hp(1e-3, 0.9, 0.999, 1e-8, 0.01, step=t + 1)) for t, b in enumerate(tb)]
+np.savez(out, losses=np.array(losses), **{"p." + k: v for k, v in rt.parameters().items()})
+print(json.dumps({"onnxruntime": onnxruntime.__version__}))
+"""
+
+
+@pytest.mark.parametrize("mode_", MODES)
+def test_ort_runtime_on_current_onnxruntime(mode_, tiny_index, tiny_dense, tmp_path):
+    """train_step.onnx through the `ort` runtime on onnxruntime >= 1.20 (the
+    .venv-ort environment `make test` creates: pip install '.[ort]'), where no
+    training kernels exist, against the oracle."""
+    assert ORT_CURRENT_PY.exists(), (
+        f"{ORT_CURRENT_PY} is missing: `make test` creates it (pip install -e '.[ort]' in .venv-ort)"
+    )
+    folder = _folder(mode_, tiny_index, tiny_dense)
+    out = tmp_path / "current.npz"
+    proc = subprocess.run([str(ORT_CURRENT_PY), "-c", CURRENT_ORT_SCRIPT, str(folder), str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = json.loads(proc.stdout.strip().splitlines()[-1])["onnxruntime"]
+    assert tuple(int(x) for x in version.split(".")[:2]) >= (1, 20), version
+    got = np.load(out)
+    oracle = results(("oracle", mode_), folder, run_oracle)
+    diff = np.abs(got["losses"] - np.array(oracle["losses"]))
+    report(f"ort on onnxruntime {version}: 20-step losses vs torch, {mode_} labels (absolute)",
+           {f"step {i + 1}": float(d) for i, d in enumerate(diff)}, 1e-4)
+    params = {k[2:]: got[k] for k in got.files if k.startswith("p.")}
+    compare_state(f"ort on onnxruntime {version}: parameters after 20 steps, {mode_}", params, oracle["params"],
+                  1e-4, LR, STEPS)
+
+
+# --- CUDA ----------------------------------------------------------------------
+
+def _has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="no CUDAExecutionProvider in this onnxruntime")
+@pytest.mark.parametrize("name", ["ort", "ort-training"])
+def test_cuda_matches_oracle(name, tiny_index):
+    rt = runtimes.load(tiny_index, runtime=name, device="cuda")
+    r = run_runtime(rt)
+    oracle = results(("oracle", "index"), tiny_index, run_oracle)
+    report(f"{name}/cuda gradients vs torch", grad_errors(r["grads"], oracle["grads"]), 1e-5)
+    diff = np.abs(np.array(r["losses"]) - np.array(oracle["losses"]))
+    assert diff.max() <= 1e-4
+    compare_state(f"{name}/cuda parameters after 20 steps", r["params"], oracle["params"], 1e-4, LR, STEPS)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(tiny_index):
+    if _has_cuda():
+        pytest.skip("this machine has CUDA; the error path cannot occur")
+    for name in ("ort", "ort-training"):
+        with pytest.raises(runtimes.RuntimeUnavailable, match="CUDAExecutionProvider"):
+            runtimes.load(tiny_index, runtime=name, device="cuda")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-s"]))
