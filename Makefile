@@ -36,5 +36,8 @@ train: $(STAMP)
 test: $(STAMP) $(ORTSTAMP)
 	$(VPY) -m pytest -q
 
+parity: $(STAMP) $(ORTSTAMP)
+	$(VPY) -m pytest -q -s tests/test_parity.py
+
 clean:
 	rm -rf artifacts runs .pytest_cache

@@ -1,0 +1,758 @@
+// gpt2train.mjs: train gpt2-onnx-train artifacts from Node.js.
+//
+// Two trainers share one contract (manifest.json, weights.safetensors, the hp vector):
+//   PortableTrainer     onnxruntime-node InferenceSession on train_step.onnx; parameters and
+//                       AdamW moments are tensors held here and replaced by the new.* outputs.
+//   TrainingSetTrainer  onnxruntime-web 1.19.2's training build (WebAssembly) on the ONNX
+//                       Runtime training set (training_model.onnx, eval_model.onnx,
+//                       optimizer_model.onnx, checkpoint).
+//
+// Every public input is checked before anything runs; problems throw GPT2Error subclasses
+// whose message names the bad value and the allowed range.
+
+import { createHash } from 'node:crypto';
+import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, statSync, unlinkSync, writeSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+
+const require = createRequire(import.meta.url);
+
+export const MANIFEST_FORMAT = 'gpt2-onnx-artifacts';
+export const SUPPORTED_VERSIONS = [1];
+export const CONFIG_KEYS = ['vocab', 'context', 'd_model', 'n_heads', 'd_ff', 'n_layers', 'seed', 'init', 'labels'];
+export const HP_LAYOUT = ['lr', 'beta1', 'beta2', 'eps', 'weight_decay', 'beta1h', 'beta2h'];
+export const HP_RTOL = 1e-4; // as runtimes/hp.py
+export const DENSE_SUM_TOL = 1e-3; // as runtimes/validate.py
+
+// ------------------------------------------------------------------------------ errors
+export class GPT2Error extends Error {
+  constructor(message) {
+    super(message);
+    this.name = this.constructor.name;
+  }
+}
+/** A batch, hyperparameter vector or option is malformed; nothing ran or changed. */
+export class InputError extends GPT2Error {}
+/** An artifact folder is incomplete, corrupted, or from another version or config. */
+export class ArtifactError extends GPT2Error {}
+/** A safetensors file (weights, batches) is unreadable or does not match. */
+export class DataError extends GPT2Error {}
+/** The loss became NaN or infinite; the update was not applied. */
+export class TrainingDiverged extends GPT2Error {}
+
+// ------------------------------------------------------------------------- safetensors
+const DTYPES = {
+  F32: { bytes: 4, array: Float32Array },
+  F64: { bytes: 8, array: Float64Array },
+  I64: { bytes: 8, array: BigInt64Array },
+  I32: { bytes: 4, array: Int32Array },
+  U8: { bytes: 1, array: Uint8Array },
+};
+const DTYPE_OF_ARRAY = new Map(Object.entries(DTYPES).map(([k, v]) => [v.array, k]));
+
+const numel = (shape) => shape.reduce((a, b) => a * b, 1);
+
+/**
+ * Read a safetensors file: { tensors: {name: {dtype, shape, data}}, metadata }.
+ * data is a typed array (a copy, properly aligned) of the dtype; little-endian hosts only.
+ */
+export function readSafetensors(file) {
+  let buf;
+  try {
+    buf = readFileSync(file);
+  } catch (e) {
+    throw new DataError(`cannot read ${file}: ${e.code === 'ENOENT' ? 'no such file' : e.message}`);
+  }
+  if (buf.length < 8) throw new DataError(`${file}: ${buf.length} bytes is too short for a safetensors file`);
+  const hlen = Number(buf.readBigUInt64LE(0));
+  if (hlen < 2 || 8 + hlen > buf.length) {
+    throw new DataError(`${file}: header length ${hlen} does not fit in a ${buf.length}-byte file (not safetensors, or truncated)`);
+  }
+  let header;
+  try {
+    header = JSON.parse(buf.subarray(8, 8 + hlen).toString('utf8'));
+  } catch (e) {
+    throw new DataError(`${file}: safetensors header is not valid JSON (${e.message})`);
+  }
+  if (header === null || typeof header !== 'object' || Array.isArray(header)) {
+    throw new DataError(`${file}: safetensors header is not a JSON object`);
+  }
+  const body = buf.subarray(8 + hlen);
+  const metadata = header.__metadata__ ?? {};
+  const tensors = {};
+  for (const [name, info] of Object.entries(header)) {
+    if (name === '__metadata__') continue;
+    const dt = DTYPES[info?.dtype];
+    if (!dt) throw new DataError(`${file}: tensor ${JSON.stringify(name)} has dtype ${JSON.stringify(info?.dtype)}; this reader supports ${Object.keys(DTYPES).join(', ')}`);
+    const shape = info.shape;
+    if (!Array.isArray(shape) || !shape.every((d) => Number.isInteger(d) && d >= 0)) {
+      throw new DataError(`${file}: tensor ${JSON.stringify(name)} has a malformed shape ${JSON.stringify(shape)}`);
+    }
+    const [begin, end] = info.data_offsets ?? [];
+    const want = numel(shape) * dt.bytes;
+    if (!Number.isInteger(begin) || !Number.isInteger(end) || begin < 0 || end > body.length || end - begin !== want) {
+      throw new DataError(
+        `${file}: tensor ${JSON.stringify(name)} data_offsets ${JSON.stringify(info.data_offsets)} do not hold ${want} bytes ` +
+          `(${info.dtype}${JSON.stringify(shape)}) within the ${body.length}-byte data section (truncated?)`,
+      );
+    }
+    const copy = new Uint8Array(want);
+    copy.set(body.subarray(begin, end));
+    tensors[name] = { dtype: info.dtype, shape, data: new dt.array(copy.buffer, 0, numel(shape)) };
+  }
+  return { tensors, metadata };
+}
+
+/** Write `bytes` to `file` atomically: temp file in the same folder, fsync, rename. */
+export function writeFileAtomic(file, bytes) {
+  const dir = path.dirname(path.resolve(file));
+  if (!existsSync(dir)) throw new InputError(`cannot write ${file}: folder ${dir} does not exist`);
+  const tmp = path.join(dir, `.${path.basename(file)}.${process.pid}.tmp`);
+  let fd;
+  try {
+    fd = openSync(tmp, 'w');
+    let off = 0;
+    while (off < bytes.length) off += writeSync(fd, bytes, off, bytes.length - off);
+    fsyncSync(fd);
+    closeSync(fd);
+    fd = undefined;
+    renameSync(tmp, file);
+  } catch (e) {
+    if (fd !== undefined) closeSync(fd);
+    try {
+      unlinkSync(tmp);
+    } catch {}
+    throw e instanceof GPT2Error ? e : new InputError(`cannot write ${file}: ${e.message}`);
+  }
+}
+
+/**
+ * Serialise tensors ({name: {data: TypedArray, shape}}) as safetensors bytes. Keys are
+ * sorted, data laid out in that order, header padded with spaces to a multiple of 8.
+ * metadata values must be strings (the format's rule).
+ */
+export function encodeSafetensors(tensors, metadata = undefined) {
+  const names = Object.keys(tensors).sort();
+  const header = {};
+  if (metadata) {
+    for (const [k, v] of Object.entries(metadata)) {
+      if (typeof v !== 'string') throw new InputError(`safetensors metadata ${k} must be a string, got ${typeof v}`);
+    }
+    header.__metadata__ = metadata;
+  }
+  let offset = 0;
+  for (const name of names) {
+    const { data, shape } = tensors[name];
+    const dtype = DTYPE_OF_ARRAY.get(data.constructor);
+    if (!dtype) throw new InputError(`tensor ${name}: unsupported array type ${data.constructor.name}`);
+    if (numel(shape) !== data.length) throw new InputError(`tensor ${name}: shape ${JSON.stringify(shape)} holds ${numel(shape)} values, data has ${data.length}`);
+    header[name] = { dtype, shape, data_offsets: [offset, offset + data.byteLength] };
+    offset += data.byteLength;
+  }
+  let json = JSON.stringify(header);
+  json += ' '.repeat((8 - (Buffer.byteLength(json) % 8)) % 8);
+  const hbytes = Buffer.from(json, 'utf8');
+  const out = Buffer.alloc(8 + hbytes.length + offset);
+  out.writeBigUInt64LE(BigInt(hbytes.length), 0);
+  hbytes.copy(out, 8);
+  let pos = 8 + hbytes.length;
+  for (const name of names) {
+    const { data } = tensors[name];
+    Buffer.from(data.buffer, data.byteOffset, data.byteLength).copy(out, pos);
+    pos += data.byteLength;
+  }
+  return out;
+}
+
+/**
+ * Save parameters as safetensors, atomically. params[name] is {data, shape}, or a typed
+ * array whose shape is shapes[name] (e.g. the manifest's, loadArtifacts().shapes).
+ */
+export function saveSafetensors(file, params, shapes = {}, metadata = undefined) {
+  const tensors = {};
+  for (const [name, value] of Object.entries(params)) {
+    if (ArrayBuffer.isView(value)) {
+      const shape = shapes[name];
+      if (!shape) throw new InputError(`no shape known for tensor ${name}: pass {data, shape} or shapes[${JSON.stringify(name)}]`);
+      tensors[name] = { data: value, shape };
+    } else {
+      tensors[name] = { data: value.data, shape: value.shape ?? value.dims };
+    }
+  }
+  writeFileAtomic(file, encodeSafetensors(tensors, metadata));
+}
+
+// --------------------------------------------------------------------------- artifacts
+export function sha256File(file) {
+  return createHash('sha256').update(readFileSync(file)).digest('hex');
+}
+
+/**
+ * Read and check `folder/manifest.json`. `needs` lists the files the caller will open: each
+ * must be listed in the manifest, present, of the listed size, with the listed sha256.
+ */
+export function loadArtifacts(folder, needs = []) {
+  if (!existsSync(folder) || !statSync(folder).isDirectory()) {
+    throw new ArtifactError(`artifact folder ${folder} does not exist (build it with: python -m graphgen build --out ${folder})`);
+  }
+  const mpath = path.join(folder, 'manifest.json');
+  if (!existsSync(mpath)) throw new ArtifactError(`${folder} has no manifest.json; is it an artifact folder? (python -m graphgen build --out ${folder})`);
+  let manifest;
+  try {
+    manifest = JSON.parse(readFileSync(mpath, 'utf8'));
+  } catch (e) {
+    throw new ArtifactError(`${mpath} is not valid JSON: ${e.message}`);
+  }
+  if (manifest === null || typeof manifest !== 'object' || manifest.format !== MANIFEST_FORMAT) {
+    throw new ArtifactError(`${mpath}: not a ${MANIFEST_FORMAT} manifest (format=${JSON.stringify(manifest?.format)})`);
+  }
+  if (!SUPPORTED_VERSIONS.includes(manifest.format_version)) {
+    throw new ArtifactError(`${mpath}: format_version ${JSON.stringify(manifest.format_version)} is not one this host reads (${SUPPORTED_VERSIONS}); rebuild the artifacts`);
+  }
+  for (const key of ['config', 'parameters', 'files', 'models', 'hp']) {
+    if (!(key in manifest)) throw new ArtifactError(`${mpath}: missing key ${JSON.stringify(key)}`);
+  }
+  const missingCfg = CONFIG_KEYS.filter((k) => !(k in manifest.config));
+  if (missingCfg.length) throw new ArtifactError(`${mpath}: config lacks ${missingCfg.join(', ')}`);
+  if (manifest.hp.length !== 7 || JSON.stringify(manifest.hp.layout) !== JSON.stringify(HP_LAYOUT)) {
+    throw new ArtifactError(`${mpath}: hp layout ${JSON.stringify(manifest.hp.layout)} is not the one this host writes ${JSON.stringify(HP_LAYOUT)}`);
+  }
+  for (const name of needs) {
+    const info = manifest.files[name];
+    if (!info) throw new ArtifactError(`${folder}: manifest.json lists no file ${name}`);
+    const file = path.join(folder, name);
+    if (!existsSync(file)) throw new ArtifactError(`${folder}: file ${name} listed in manifest.json is missing`);
+    const size = statSync(file).size;
+    if (size !== info.bytes) throw new ArtifactError(`${file}: ${size} bytes, manifest.json says ${info.bytes} (truncated or replaced?)`);
+    const sha = sha256File(file);
+    if (sha !== info.sha256) {
+      throw new ArtifactError(`${file}: sha256 ${sha} differs from manifest.json's ${info.sha256} (corrupted or from another build)`);
+    }
+  }
+  const params = manifest.parameters.map((p) => ({ name: p.name, shape: p.shape.slice(), dtype: p.dtype }));
+  for (const p of params) {
+    if (p.dtype !== 'float32') throw new ArtifactError(`${mpath}: parameter ${p.name} has dtype ${p.dtype}; this host trains float32 parameters`);
+  }
+  return {
+    folder,
+    manifest,
+    config: manifest.config,
+    params,
+    shapes: Object.fromEntries(params.map((p) => [p.name, p.shape])),
+    file: (name) => path.join(folder, name),
+  };
+}
+
+/** weights.safetensors checked against the manifest: every parameter, float32, the manifest's shape. */
+export function loadWeights(art, file = art.file('weights.safetensors')) {
+  const { tensors } = readSafetensors(file);
+  const out = {};
+  const missing = art.params.filter((p) => !(p.name in tensors)).map((p) => p.name);
+  if (missing.length) throw new ArtifactError(`${file}: missing parameters ${missing.slice(0, 5).join(', ')}${missing.length > 5 ? '...' : ''}`);
+  for (const p of art.params) {
+    const t = tensors[p.name];
+    if (t.dtype !== 'F32' || JSON.stringify(t.shape) !== JSON.stringify(p.shape)) {
+      throw new ArtifactError(`${file}: parameter ${p.name} is ${t.dtype}${JSON.stringify(t.shape)}, manifest says F32${JSON.stringify(p.shape)}`);
+    }
+    out[p.name] = t.data;
+  }
+  return out;
+}
+
+// ----------------------------------------------------------------------------------- hp
+/**
+ * The float32[7] hp vector for update number t (t = 1 first):
+ * [lr, beta1, beta2, eps, wd, 1/(1-beta1^t), 1/(1-beta2^t)], computed in float64 and
+ * rounded to float32, as runtimes.make_hp does.
+ */
+export function makeHp(lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.01, t = 1) {
+  if (!Number.isInteger(t) || t < 1) throw new InputError(`step t must be an integer >= 1 (t counts from 1), got ${t}`);
+  const b1h = beta1 > 0 ? 1.0 / (1.0 - beta1 ** t) : 1.0;
+  const b2h = beta2 > 0 ? 1.0 / (1.0 - beta2 ** t) : 1.0;
+  return Float32Array.from([lr, beta1, beta2, eps, wd, b1h, b2h]);
+}
+
+/** Validate hp for update number t; returns it as a Float32Array(7). */
+export function checkHp(hp, t) {
+  if (!(hp instanceof Float32Array)) throw new InputError(`hp must be a Float32Array of 7 (use makeHp), got ${hp?.constructor?.name ?? typeof hp}`);
+  if (hp.length !== 7) throw new InputError(`hp must have length 7 [${HP_LAYOUT}], got ${hp.length}`);
+  hp.forEach((x, i) => {
+    if (!Number.isFinite(x)) throw new InputError(`hp[${i}] (${HP_LAYOUT[i]}) must be finite, got ${x}`);
+  });
+  const [lr, b1, b2, eps, wd] = hp;
+  if (lr < 0) throw new InputError(`hp[0] (lr) must be >= 0, got ${lr}`);
+  if (!(b1 >= 0 && b1 < 1)) throw new InputError(`hp[1] (beta1) must be in [0, 1), got ${b1}`);
+  if (!(b2 >= 0 && b2 < 1)) throw new InputError(`hp[2] (beta2) must be in [0, 1), got ${b2}`);
+  if (!(eps > 0)) throw new InputError(`hp[3] (eps) must be > 0, got ${eps}`);
+  if (wd < 0) throw new InputError(`hp[4] (weight_decay) must be >= 0, got ${wd}`);
+  const want = makeHp(lr, b1, b2, eps, wd, t);
+  for (const [i, name, base] of [[5, 'beta1h', 'beta1'], [6, 'beta2h', 'beta2']]) {
+    if (Math.abs(hp[i] - want[i]) > HP_RTOL * want[i]) {
+      throw new InputError(`hp[${i}] (${name}) = ${hp[i]} disagrees with step t=${t}: expected 1/(1-${base}^${t}) = ${want[i]} (build hp with makeHp(..., ${t}))`);
+    }
+  }
+  return hp;
+}
+
+// ------------------------------------------------------------------------------ batches
+/**
+ * Normalise an integer (B, T) batch input: nested arrays (number[][]), or {data, dims}
+ * with data a BigInt64Array, Int32Array, or number[]. Returns {data: BigInt64Array, dims}.
+ */
+function intBatch(name, x) {
+  let data;
+  let dims;
+  if (Array.isArray(x) && x.every(Array.isArray)) {
+    dims = [x.length, x[0]?.length ?? 0];
+    if (!x.every((r) => r.length === dims[1])) throw new InputError(`${name} rows have different lengths; ${name} must be (batch, seq)`);
+    data = x.flat();
+  } else if (x && typeof x === 'object' && 'data' in x && 'dims' in x) {
+    ({ data, dims } = x);
+  } else {
+    throw new InputError(`${name} must be a (batch, seq) array of arrays or {data, dims}, got ${x === null ? 'null' : typeof x}`);
+  }
+  if (!Array.isArray(dims) || dims.length !== 2) throw new InputError(`${name} must have shape (batch, seq), got ${JSON.stringify(dims)}`);
+  if (!(data instanceof BigInt64Array || data instanceof Int32Array || Array.isArray(data))) {
+    throw new InputError(`${name} must hold integers (BigInt64Array, Int32Array or number[]), got ${data?.constructor?.name}`);
+  }
+  if (data.length !== dims[0] * dims[1]) throw new InputError(`${name} has ${data.length} values, shape ${JSON.stringify(dims)} needs ${dims[0] * dims[1]}`);
+  if (!(data instanceof BigInt64Array)) {
+    const out = new BigInt64Array(data.length);
+    for (let i = 0; i < data.length; i++) {
+      if (!Number.isInteger(data[i])) throw new InputError(`${name}[${unravel(i, dims)}] = ${data[i]} is not an integer`);
+      out[i] = BigInt(data[i]);
+    }
+    data = out;
+  }
+  return { data, dims: dims.slice() };
+}
+
+function unravel(i, dims) {
+  const idx = [];
+  for (let k = dims.length - 1; k >= 0; k--) {
+    idx.unshift(i % dims[k]);
+    i = Math.floor(i / dims[k]);
+  }
+  return idx.join(', ');
+}
+
+function checkRange(name, { data, dims }, hi, what) {
+  for (let i = 0; i < data.length; i++) {
+    if (data[i] < 0n || data[i] >= BigInt(hi)) {
+      throw new InputError(`${name}[${unravel(i, dims)}] = ${data[i]} is out of range: ${what} must be in [0, ${hi})`);
+    }
+  }
+}
+
+/** Check a batch against the config; returns {tokens, positions, labels} ready for ONNX Runtime. */
+export function checkBatch(config, tokens, positions, labels) {
+  const { vocab, context } = config;
+  tokens = intBatch('tokens', tokens);
+  positions = intBatch('positions', positions);
+  const [b, t] = tokens.dims;
+  if (b < 1 || t < 1) throw new InputError(`tokens has shape [${tokens.dims}]: batch and seq must both be >= 1`);
+  if (t > context) throw new InputError(`tokens has seq length ${t} > context ${context}: T must be in [1, ${context}]`);
+  if (positions.dims[0] !== b || positions.dims[1] !== t) throw new InputError(`positions shape [${positions.dims}] differs from tokens shape [${tokens.dims}]`);
+  checkRange('tokens', tokens, vocab, 'token ids');
+  checkRange('positions', positions, context, 'positions');
+  if (config.labels === 'index') {
+    if (labels?.data instanceof Float32Array) {
+      throw new InputError(`labels must be integer (B, T) next-token ids for these index-mode artifacts, got float32 [${labels.dims}]`);
+    }
+    labels = intBatch('labels', labels);
+    if (labels.dims[0] !== b || labels.dims[1] !== t) throw new InputError(`labels shape [${labels.dims}] differs from tokens shape [${tokens.dims}]`);
+    checkRange('labels', labels, vocab, 'label ids');
+  } else {
+    if (!(labels?.data instanceof Float32Array)) {
+      throw new InputError(`labels must be float32 (B, T, ${vocab}) distributions {data: Float32Array, dims} for these dense-mode artifacts (denseLabels() makes them from ids)`);
+    }
+    const d = labels.dims;
+    if (!Array.isArray(d) || d.length !== 3 || d[0] !== b || d[1] !== t || d[2] !== vocab) {
+      throw new InputError(`labels shape ${JSON.stringify(d)} must be [${b}, ${t}, ${vocab}] (tokens shape + vocab)`);
+    }
+    if (labels.data.length !== b * t * vocab) throw new InputError(`labels has ${labels.data.length} values, shape needs ${b * t * vocab}`);
+    for (let r = 0; r < b * t; r++) {
+      let sum = 0;
+      for (let k = 0; k < vocab; k++) {
+        const x = labels.data[r * vocab + k];
+        if (!Number.isFinite(x) || x < 0) throw new InputError(`labels[${unravel(r * vocab + k, d)}] = ${x}: dense labels must be finite and >= 0`);
+        sum += x;
+      }
+      if (Math.abs(sum - 1) > DENSE_SUM_TOL) throw new InputError(`labels[${unravel(r * vocab, d).split(', ').slice(0, 2).join(', ')}] sums to ${sum}: each dense label row must sum to 1 (within ${DENSE_SUM_TOL})`);
+    }
+  }
+  return { tokens, positions, labels };
+}
+
+/** One-hot float32 (B, T, vocab) labels from integer ids {data, dims}. */
+export function denseLabels(labels, vocab) {
+  const { data, dims } = intBatch('labels', labels);
+  checkRange('labels', { data, dims }, vocab, 'label ids');
+  const out = new Float32Array(data.length * vocab);
+  for (let i = 0; i < data.length; i++) out[i * vocab + Number(data[i])] = 1;
+  return { data: out, dims: [...dims, vocab] };
+}
+
+// ---------------------------------------------------------------- portable train step
+let ortNode;
+async function onnxruntimeNode() {
+  ortNode ??= (await import('onnxruntime-node')).default;
+  return ortNode;
+}
+
+/** onnxruntime-node on train_step.onnx; parameters and moments live here between steps. */
+export class PortableTrainer {
+  static NEEDS = ['train_step.onnx', 'weights.safetensors'];
+
+  /** @param {string} folder artifact folder; opts.threads: intra-op threads; opts.weights: a safetensors file to start from */
+  static async create(folder, opts = {}) {
+    const art = loadArtifacts(folder, PortableTrainer.NEEDS);
+    const weights = loadWeights(art, opts.weights ?? art.file('weights.safetensors'));
+    const ort = await onnxruntimeNode();
+    const so = {
+      graphOptimizationLevel: 'all',
+      executionMode: 'sequential',
+      logSeverityLevel: 3,
+      extra: { session: { set_denormal_as_zero: '1' } },
+    };
+    if (opts.threads) so.intraOpNumThreads = opts.threads;
+    const session = await ort.InferenceSession.create(art.file('train_step.onnx'), so);
+    return new PortableTrainer(art, ort, session, weights);
+  }
+
+  constructor(art, ort, session, weights) {
+    this.art = art;
+    this.ort = ort;
+    this.session = session;
+    this.stepCount = 0;
+    const io = art.manifest.models['train_step.onnx'];
+    if (!io) throw new ArtifactError(`${art.folder}: manifest.json describes no model train_step.onnx`);
+    this.inputNames = io.inputs.map((i) => i.name);
+    this.outputNames = io.outputs.map((o) => o.name);
+    const names = art.params.map((p) => p.name);
+    const expectIn = [...names, ...names.map((n) => `m.${n}`), ...names.map((n) => `v.${n}`), 'tokens', 'positions', 'labels', 'hp'];
+    const expectOut = ['loss', ...names.map((n) => `new.${n}`), ...names.map((n) => `new.m.${n}`), ...names.map((n) => `new.v.${n}`)];
+    for (const [what, want, have, sess] of [['inputs', expectIn, this.inputNames, session.inputNames], ['outputs', expectOut, this.outputNames, session.outputNames]]) {
+      const missing = want.filter((n) => !have.includes(n) || !sess.includes(n));
+      if (missing.length) throw new ArtifactError(`train_step.onnx ${what} lack ${missing.slice(0, 5).join(', ')} (manifest and model disagree with the train_step contract)`);
+    }
+    this.state = {};
+    for (const p of art.params) {
+      const zeros = () => new ort.Tensor('float32', new Float32Array(numel(p.shape)), p.shape);
+      this.state[p.name] = new ort.Tensor('float32', weights[p.name], p.shape);
+      this.state[`m.${p.name}`] = zeros();
+      this.state[`v.${p.name}`] = zeros();
+    }
+  }
+
+  get config() {
+    return this.art.config;
+  }
+
+  /** hp for the next update from the manifest's AdamW constants (or overrides) and lr. */
+  hp(lr, { beta1, beta2, eps, weight_decay } = {}) {
+    const c = this.art.config;
+    return makeHp(lr, beta1 ?? c.beta1, beta2 ?? c.beta2, eps ?? c.eps, weight_decay ?? c.weight_decay, this.stepCount + 1);
+  }
+
+  /** Train on one batch; returns that batch's loss before the update. */
+  async step(tokens, positions, labels, hp) {
+    const b = checkBatch(this.art.config, tokens, positions, labels);
+    hp = checkHp(hp, this.stepCount + 1);
+    const T = this.ort.Tensor;
+    const feeds = { ...this.state };
+    feeds.tokens = new T('int64', b.tokens.data, b.tokens.dims);
+    feeds.positions = new T('int64', b.positions.data, b.positions.dims);
+    feeds.labels = b.labels.data instanceof Float32Array ? new T('float32', b.labels.data, b.labels.dims) : new T('int64', b.labels.data, b.labels.dims);
+    feeds.hp = new T('float32', hp, [7]);
+    const out = await this.session.run(feeds);
+    const loss = Number(out.loss.data[0]);
+    if (!Number.isFinite(loss)) {
+      throw new TrainingDiverged(`loss is ${loss} at step ${this.stepCount + 1}; the update was not applied (parameters and moments stay at step ${this.stepCount})`);
+    }
+    for (const name of Object.keys(this.state)) this.state[name] = out[`new.${name}`];
+    this.stepCount += 1;
+    return loss;
+  }
+
+  /** Current parameters {name: Float32Array} in manifest order. */
+  async parameters() {
+    return Object.fromEntries(this.art.params.map((p) => [p.name, this.state[p.name].data]));
+  }
+
+  /** AdamW moments {m: {name: Float32Array}, v: {...}}. */
+  moments() {
+    const pick = (prefix) => Object.fromEntries(this.art.params.map((p) => [p.name, this.state[prefix + p.name].data]));
+    return { m: pick('m.'), v: pick('v.') };
+  }
+
+  /** Trained weights as safetensors, same keys/shapes/dtype as weights.safetensors. */
+  async save(file) {
+    saveSafetensors(file, await this.parameters(), this.art.shapes, { step: String(this.stepCount), host: 'node', runtime: 'onnxruntime-node' });
+  }
+
+  async release() {
+    await this.session.release?.();
+  }
+}
+
+// ------------------------------------------------------------- ORT training set (web)
+let ortWeb;
+/** onnxruntime-web 1.19.2's training build, loaded by file (its package exports hide it from Node). */
+export function onnxruntimeWebTraining() {
+  if (!ortWeb) {
+    const main = require.resolve('onnxruntime-web'); // dist/ort.node.min.js
+    ortWeb = require(path.join(path.dirname(main), 'ort.training.wasm.min.js'));
+    ortWeb.env.wasm.numThreads = 1; // threads need workers from a file URL; one thread is plenty for the host
+    ortWeb.env.logLevel = 'error';
+  }
+  return ortWeb;
+}
+
+/**
+ * ONNX Runtime's default learning rate for an optimizer whose checkpoint holds no optimizer
+ * state (onnxruntime training_api GroupOptimizerState::initial_lr). onnxruntime-web 1.19.2
+ * exposes no SetLearningRate, so this is the only learning rate it trains with.
+ */
+export const ORT_DEFAULT_LR = 1e-3;
+
+/** onnxruntime-web 1.19.2 TrainingSession on the ORT training set. */
+export class TrainingSetTrainer {
+  static NEEDS = ['training_model.onnx', 'eval_model.onnx', 'optimizer_model.onnx', 'checkpoint', 'weights.safetensors'];
+
+  static async create(folder) {
+    const art = loadArtifacts(folder, TrainingSetTrainer.NEEDS);
+    const weights = loadWeights(art);
+    const ort = onnxruntimeWebTraining();
+    const bytes = (name) => new Uint8Array(readFileSync(art.file(name)));
+    let session;
+    try {
+      session = await ort.TrainingSession.create({
+        checkpointState: bytes('checkpoint'),
+        trainModel: bytes('training_model.onnx'),
+        evalModel: bytes('eval_model.onnx'),
+        optimizerModel: bytes('optimizer_model.onnx'),
+      });
+    } catch (e) {
+      throw new ArtifactError(`onnxruntime-web could not open the training set in ${folder}: ${e.message}`);
+    }
+    const t = new TrainingSetTrainer(art, ort, session);
+    await t.checkLayout(weights);
+    return t;
+  }
+
+  constructor(art, ort, session) {
+    this.art = art;
+    this.ort = ort;
+    this.session = session;
+    this.stepCount = 0;
+    for (const n of ['tokens', 'positions', 'labels']) {
+      if (!session.trainingInputNames.includes(n)) throw new ArtifactError(`training_model.onnx takes no input ${n} (inputs: ${session.trainingInputNames})`);
+    }
+  }
+
+  /** The session's contiguous parameter buffer must be the manifest's parameters in order,
+   *  equal to weights.safetensors: then parameters() can split it by manifest shapes. */
+  async checkLayout(weights) {
+    const total = this.art.params.reduce((s, p) => s + numel(p.shape), 0);
+    const size = await this.session.getParametersSize(true);
+    if (size !== total) throw new ArtifactError(`the training set holds ${size} trainable values, manifest.json's parameters ${total}`);
+    const flat = await this.parameters();
+    for (const p of this.art.params) {
+      const a = flat[p.name];
+      const w = weights[p.name];
+      for (let i = 0; i < a.length; i++) {
+        if (a[i] !== w[i]) throw new ArtifactError(`checkpoint's parameter ${p.name} differs from weights.safetensors at [${unravel(i, p.shape)}] (${a[i]} vs ${w[i]}): checkpoint from another build, or parameter order differs from the manifest`);
+      }
+    }
+  }
+
+  get config() {
+    return this.art.config;
+  }
+
+  hp(lr = ORT_DEFAULT_LR) {
+    const c = this.art.config;
+    return makeHp(lr, c.beta1, c.beta2, c.eps, c.weight_decay, this.stepCount + 1);
+  }
+
+  /** optimizer_model.onnx fixes beta1/beta2/eps/weight decay at build time, and
+   *  onnxruntime-web fixes lr: hp must agree with both. */
+  checkHpSupported(hp) {
+    const c = this.art.config;
+    const lr32 = Math.fround(ORT_DEFAULT_LR);
+    if (hp[0] !== lr32) {
+      throw new InputError(
+        `hp[0] (lr) = ${hp[0]}, but the ORT training set under onnxruntime-web 1.19.2 trains at lr ${ORT_DEFAULT_LR} only ` +
+          `(its training API has no SetLearningRate; ONNX Runtime starts the optimizer at ${ORT_DEFAULT_LR}); use lr ${ORT_DEFAULT_LR}, ` +
+          `or train train_step.onnx (without --training-set), which reads all seven hp values every step`,
+      );
+    }
+    for (const [i, key] of [[1, 'beta1'], [2, 'beta2'], [3, 'eps'], [4, 'weight_decay']]) {
+      const built = Math.fround(c[key]);
+      if (Math.abs(hp[i] - built) > 1e-6 * Math.max(Math.abs(built), 1e-30)) {
+        throw new InputError(`hp[${i}] (${key}) = ${hp[i]}, but optimizer_model.onnx was built with ${key}=${c[key]}: the optimizer model fixes it when built; rebuild the artifacts or train train_step.onnx instead`);
+      }
+    }
+  }
+
+  async step(tokens, positions, labels, hp) {
+    const b = checkBatch(this.art.config, tokens, positions, labels);
+    hp = checkHp(hp, this.stepCount + 1);
+    this.checkHpSupported(hp);
+    const T = this.ort.Tensor;
+    const feeds = {
+      tokens: new T('int64', b.tokens.data, b.tokens.dims),
+      positions: new T('int64', b.positions.data, b.positions.dims),
+      labels: b.labels.data instanceof Float32Array ? new T('float32', b.labels.data, b.labels.dims) : new T('int64', b.labels.data, b.labels.dims),
+    };
+    const out = await this.session.runTrainStep(feeds);
+    const loss = Number(out[this.session.trainingOutputNames[0]].data[0]);
+    if (!Number.isFinite(loss)) {
+      await this.session.lazyResetGrad();
+      throw new TrainingDiverged(`loss is ${loss} at step ${this.stepCount + 1}; the update was not applied`);
+    }
+    await this.session.runOptimizerStep();
+    await this.session.lazyResetGrad();
+    this.stepCount += 1;
+    return loss;
+  }
+
+  async parameters() {
+    const buf = await this.session.getContiguousParameters(true);
+    const flat = buf.data;
+    const out = {};
+    let off = 0;
+    for (const p of this.art.params) {
+      const n = numel(p.shape);
+      out[p.name] = Float32Array.from(flat.subarray(off, off + n));
+      off += n;
+    }
+    return out;
+  }
+
+  async save(file) {
+    saveSafetensors(file, await this.parameters(), this.art.shapes, { step: String(this.stepCount), host: 'node', runtime: 'onnxruntime-web-training' });
+  }
+
+  async release() {
+    await this.session.release();
+  }
+}
+
+// ------------------------------------------------------------------ batch files (Python)
+export const BATCH_FORMAT = 'gpt2-onnx-batches';
+
+/**
+ * Read a batch file written by `python -m runtimes.batchfile`: tokens, positions, labels
+ * int64 (N, B, T) and metadata {lr, beta1, beta2, eps, weight_decay, config}. Checked
+ * against the artifacts' config: the recorded config must agree, and every id must be in range.
+ * Returns {n, batch, seq, hp: {lr, beta1, beta2, eps, weight_decay}, get(i) -> {tokens, positions, labels}}.
+ */
+export function readBatchFile(file, config) {
+  const { tensors, metadata } = readSafetensors(file);
+  if (metadata.format !== undefined && metadata.format !== BATCH_FORMAT) {
+    throw new DataError(`${file}: metadata format ${JSON.stringify(metadata.format)} is not ${BATCH_FORMAT}`);
+  }
+  for (const key of ['tokens', 'positions', 'labels']) {
+    const t = tensors[key];
+    if (!t) throw new DataError(`${file}: no tensor ${key} (a batch file holds tokens, positions, labels as int64 (N, B, T))`);
+    if (t.dtype !== 'I64' || t.shape.length !== 3) throw new DataError(`${file}: ${key} is ${t.dtype}${JSON.stringify(t.shape)}, expected I64 (N, B, T)`);
+    if (JSON.stringify(t.shape) !== JSON.stringify(tensors.tokens.shape)) {
+      throw new DataError(`${file}: ${key} shape ${JSON.stringify(t.shape)} differs from tokens shape ${JSON.stringify(tensors.tokens.shape)}`);
+    }
+  }
+  const [n, b, t] = tensors.tokens.shape;
+  if (n < 1 || b < 1 || t < 1) throw new DataError(`${file}: batch shape [${n}, ${b}, ${t}] is empty`);
+  if (metadata.config !== undefined) {
+    let want;
+    try {
+      want = JSON.parse(metadata.config);
+    } catch (e) {
+      throw new DataError(`${file}: metadata config is not JSON (${e.message})`);
+    }
+    for (const [k, v] of Object.entries(want)) {
+      if (config[k] !== v) {
+        throw new DataError(`${file} was written for artifacts with ${k}=${JSON.stringify(v)}, but manifest.json says ${k}=${JSON.stringify(config[k])}`);
+      }
+    }
+  }
+  if (t > config.context) throw new DataError(`${file}: sequence length T=${t} exceeds the artifacts' context ${config.context}`);
+  for (const [key, hi, what] of [['tokens', config.vocab, 'token ids'], ['positions', config.context, 'positions'], ['labels', config.vocab, 'label ids']]) {
+    const d = tensors[key].data;
+    for (let i = 0; i < d.length; i++) {
+      if (d[i] < 0n || d[i] >= BigInt(hi)) {
+        throw new DataError(`${file}: ${key}[${unravel(i, [n, b, t])}] = ${d[i]} is out of range: ${what} must be in [0, ${hi})`);
+      }
+    }
+  }
+  const hp = {};
+  for (const key of ['lr', 'beta1', 'beta2', 'eps', 'weight_decay']) {
+    if (metadata[key] === undefined) {
+      hp[key] = undefined;
+      continue;
+    }
+    const x = Number(metadata[key]);
+    if (!Number.isFinite(x)) throw new DataError(`${file}: metadata ${key}=${JSON.stringify(metadata[key])} is not a finite number`);
+    hp[key] = x;
+  }
+  const size = b * t;
+  const slice = (key, i) => ({ data: tensors[key].data.subarray(i * size, (i + 1) * size), dims: [b, t] });
+  return { n, batch: b, seq: t, hp, metadata, get: (i) => ({ tokens: slice('tokens', i), positions: slice('positions', i), labels: slice('labels', i) }) };
+}
+
+// ------------------------------------------------------------------- simple samplers
+/** mulberry32: a small seeded 32-bit PRNG (uniform in [0, 1)). */
+export function mulberry32(seed) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Random windows of a byte array: tokens = data[o:o+T], labels = data[o+1:o+T+1], positions 0..T-1. */
+export function textSampler(bytes, batch, seq, seed) {
+  if (bytes.length < seq + 1) throw new DataError(`the text holds ${bytes.length} bytes; one batch of sequence length T=${seq} needs at least T+1 = ${seq + 1}`);
+  const rand = mulberry32(seed);
+  const high = bytes.length - seq; // offsets 0 .. n-T-1
+  return () => {
+    const tokens = new BigInt64Array(batch * seq);
+    const labels = new BigInt64Array(batch * seq);
+    const positions = new BigInt64Array(batch * seq);
+    for (let r = 0; r < batch; r++) {
+      const o = Math.floor(rand() * high);
+      for (let j = 0; j < seq; j++) {
+        tokens[r * seq + j] = BigInt(bytes[o + j]);
+        labels[r * seq + j] = BigInt(bytes[o + j + 1]);
+        positions[r * seq + j] = BigInt(j);
+      }
+    }
+    const dims = [batch, seq];
+    return { tokens: { data: tokens, dims }, positions: { data: positions, dims }, labels: { data: labels, dims } };
+  };
+}
+
+/** Seeded uniformly random token ids in [0, vocab) (labels are the next token of the same stream). */
+export function randomSampler(vocab, batch, seq, seed) {
+  const rand = mulberry32(seed);
+  return () => {
+    const bytes = Array.from({ length: seq + 1 }, () => 0);
+    const tokens = new BigInt64Array(batch * seq);
+    const labels = new BigInt64Array(batch * seq);
+    const positions = new BigInt64Array(batch * seq);
+    for (let r = 0; r < batch; r++) {
+      for (let j = 0; j <= seq; j++) bytes[j] = Math.floor(rand() * vocab);
+      for (let j = 0; j < seq; j++) {
+        tokens[r * seq + j] = BigInt(bytes[j]);
+        labels[r * seq + j] = BigInt(bytes[j + 1]);
+        positions[r * seq + j] = BigInt(j);
+      }
+    }
+    const dims = [batch, seq];
+    return { tokens: { data: tokens, dims }, positions: { data: positions, dims }, labels: { data: labels, dims } };
+  };
+}
