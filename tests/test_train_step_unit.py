@@ -13,8 +13,8 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 
+from runtimes.reference import GatherElements  # onnx 1.23's reference op mishandles axis=-1
 from graphgen.adamw import HP_FIELDS, adamw_reference, make_hp
 from graphgen.autodiff import AutodiffError
 from graphgen.train_step import build_grad_model, build_train_step
@@ -25,17 +25,6 @@ PARAMS = [("wte", (V, D)), ("wpe", (C, D)), ("h0.ln_g", (D,)), ("h0.ln_b", (D,))
           ("h0.b", (D,)), ("lnf_g", (D,)), ("lnf_b", (D,))]
 NAMES = [p for p, _ in PARAMS]
 MODES = ("index", "dense")
-
-
-class GatherElements(OpRun):
-    """onnx 1.23's reference GatherElements mishandles axis=-1 and more than 32/64 classes."""
-
-    op_domain = ""
-
-    def _run(self, data, indices, axis=None):
-        axis = 0 if axis is None else axis
-        idx = np.where(indices < 0, indices + data.shape[axis], indices)
-        return (np.take_along_axis(data, idx, axis=axis),)
 
 
 def tiny_forward(labels: str) -> onnx.ModelProto:
