@@ -8,7 +8,7 @@ ORTSTAMP:= $(ORTVENV)/.installed
 CONFIGS ?= tiny small
 STEPS   ?=
 
-.PHONY: all venv artifacts train test parity clean
+.PHONY: all venv artifacts train test parity web clean
 
 all: artifacts
 
@@ -33,7 +33,21 @@ train: $(STAMP)
 	@test -f artifacts/small/manifest.json || $(VPY) -m graphgen build --config small --out artifacts/small
 	$(VPY) -m runtimes train --artifacts artifacts/small --out runs/small $(if $(STEPS),--steps $(STEPS))
 
-test: $(STAMP) $(ORTSTAMP)
+WEBPORT  ?= 8000
+WEBSTAMP := hosts/web/node_modules/.installed
+
+$(WEBSTAMP): hosts/web/package-lock.json
+	cd hosts/web && npm ci --no-audit --no-fund
+	touch $@
+
+# The browser page: serves hosts/web and artifacts/ at http://127.0.0.1:$(WEBPORT)/
+web: $(STAMP) $(WEBSTAMP)
+	@test -f artifacts/tiny/manifest.json || $(VPY) -m graphgen build --config tiny --out artifacts/tiny
+	node hosts/web/serve.mjs --artifacts artifacts --port $(WEBPORT)
+
+# Debian's chromium for the headless browser test (installed only if missing).
+test: $(STAMP) $(ORTSTAMP) $(WEBSTAMP)
+	sh scripts/install_chromium.sh
 	$(VPY) -m pytest -q
 
 parity: $(STAMP) $(ORTSTAMP)

@@ -1,0 +1,217 @@
+#!/usr/bin/env node
+// Static server for the browser host (Node built-ins only).
+//
+//   node hosts/web/serve.mjs --artifacts artifacts [--data DIR] [--port 8000] [--host 127.0.0.1]
+//
+// Serves
+//   /              hosts/web/ (index.html, app.mjs, corpus.txt, ...; not node_modules)
+//   /ort/...       node_modules/onnxruntime-web/dist/ (ort.*.mjs and the .wasm files)
+//   /artifacts/... the folder given by --artifacts (read-only), e.g. /artifacts/tiny/manifest.json
+//   /data/...      the folder given by --data, when given (batch files for ?batches=)
+// Every response carries COOP/COEP headers, so the page is cross-origin isolated and
+// onnxruntime-web may use its threaded wasm build. --port 0 picks a free port; the first
+// line printed is the page's URL.
+
+import { createServer } from 'node:http';
+import { createReadStream, statSync, existsSync, readdirSync } from 'node:fs';
+import { dirname, extname, join, resolve, sep } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+
+const MIME = {
+  '.html': 'text/html; charset=utf-8',
+  '.mjs': 'text/javascript; charset=utf-8',
+  '.js': 'text/javascript; charset=utf-8',
+  '.css': 'text/css; charset=utf-8',
+  '.json': 'application/json; charset=utf-8',
+  '.txt': 'text/plain; charset=utf-8',
+  '.map': 'application/json; charset=utf-8',
+  '.wasm': 'application/wasm',
+  '.onnx': 'application/octet-stream',
+  '.safetensors': 'application/octet-stream',
+  '.png': 'image/png',
+  '.svg': 'image/svg+xml',
+  '.ico': 'image/x-icon',
+};
+
+function usage(msg) {
+  if (msg) process.stderr.write(`serve.mjs: ${msg}\n`);
+  process.stderr.write(
+    'usage: node hosts/web/serve.mjs --artifacts DIR [--data DIR] [--port N (0 = any free port)] [--host ADDR]\n',
+  );
+  process.exit(2);
+}
+
+function parseArgs(argv) {
+  const opts = { artifacts: null, data: null, port: 8000, host: '127.0.0.1' };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const [key, inline] = a.startsWith('--') && a.includes('=') ? a.split(/=(.*)/s, 2) : [a, undefined];
+    const value = () => {
+      if (inline !== undefined) return inline;
+      if (i + 1 >= argv.length) usage(`${key} needs a value`);
+      return argv[++i];
+    };
+    switch (key) {
+      case '--artifacts': opts.artifacts = value(); break;
+      case '--data': opts.data = value(); break;
+      case '--port': {
+        const v = value();
+        const n = Number(v);
+        if (!/^\d+$/.test(v) || n > 65535) usage(`--port must be an integer in [0, 65535], got ${JSON.stringify(v)}`);
+        opts.port = n;
+        break;
+      }
+      case '--host': opts.host = value(); break;
+      case '-h': case '--help': usage();
+      // falls through (usage exits)
+      default: usage(`unknown argument ${JSON.stringify(a)}`);
+    }
+  }
+  return opts;
+}
+
+function checkDir(path, flag) {
+  const full = resolve(path);
+  let st;
+  try { st = statSync(full); } catch { usage(`${flag} ${JSON.stringify(path)} does not exist`); }
+  if (!st.isDirectory()) usage(`${flag} ${JSON.stringify(path)} is not a folder`);
+  return full;
+}
+
+// The artifact folder to suggest in the printed URL: the mount itself when it holds a
+// manifest, else "tiny" when present, else the first subfolder with a manifest.
+function suggestArtifacts(root) {
+  if (existsSync(join(root, 'manifest.json'))) return '/artifacts';
+  let names = [];
+  try {
+    names = readdirSync(root, { withFileTypes: true }).filter((d) => d.isDirectory()).map((d) => d.name).sort();
+  } catch { /* unreadable: no suggestion */ }
+  const withManifest = names.filter((n) => existsSync(join(root, n, 'manifest.json')));
+  if (withManifest.includes('tiny')) return '/artifacts/tiny';
+  return withManifest.length ? `/artifacts/${encodeURIComponent(withManifest[0])}` : null;
+}
+
+const opts = parseArgs(process.argv.slice(2));
+if (!opts.artifacts) usage('--artifacts DIR is required (a folder holding artifact folders, or one artifact folder)');
+const ortDist = join(HERE, 'node_modules', 'onnxruntime-web', 'dist');
+if (!existsSync(join(ortDist, 'ort.wasm.min.mjs'))) {
+  process.stderr.write(`serve.mjs: ${ortDist} is missing: run \`npm ci\` in ${HERE} first\n`);
+  process.exit(1);
+}
+
+// Mount table: URL prefix -> folder. Longest prefix first; '/' last.
+const mounts = [
+  ['/ort/', ortDist],
+  ['/artifacts/', checkDir(opts.artifacts, '--artifacts')],
+];
+if (opts.data) mounts.push(['/data/', checkDir(opts.data, '--data')]);
+mounts.push(['/', HERE]);
+
+function resolvePath(urlPath) {
+  for (const [prefix, root] of mounts) {
+    if (!urlPath.startsWith(prefix)) continue;
+    const rel = urlPath.slice(prefix.length);
+    const parts = rel.split('/').filter((p) => p !== '');
+    // No dot segments, no hidden files, no backslashes or NULs; node_modules only via /ort/.
+    if (parts.some((p) => p.startsWith('.') || p.includes('\\') || p.includes('\0'))) return null;
+    if (prefix === '/' && parts[0] === 'node_modules') return null;
+    const full = resolve(root, ...parts);
+    if (full !== root && !full.startsWith(root + sep)) return null;
+    return full;
+  }
+  return null;
+}
+
+function send(res, status, body, headers = {}) {
+  res.writeHead(status, { 'Content-Type': 'text/plain; charset=utf-8', ...headers });
+  res.end(body);
+}
+
+const server = createServer((req, res) => {
+  // Cross-origin isolation (SharedArrayBuffer, wasm threads); everything is same-origin.
+  res.setHeader('Cross-Origin-Opener-Policy', 'same-origin');
+  res.setHeader('Cross-Origin-Embedder-Policy', 'require-corp');
+  res.setHeader('Cross-Origin-Resource-Policy', 'same-origin');
+  res.setHeader('Cache-Control', 'no-cache');
+  res.setHeader('X-Content-Type-Options', 'nosniff');
+  if (req.method !== 'GET' && req.method !== 'HEAD') {
+    send(res, 405, 'method not allowed\n', { Allow: 'GET, HEAD' });
+    return;
+  }
+  let urlPath;
+  try {
+    urlPath = decodeURIComponent(new URL(req.url, 'http://localhost').pathname);
+  } catch {
+    send(res, 400, 'bad request path\n');
+    return;
+  }
+  let full = resolvePath(urlPath);
+  if (!full) {
+    send(res, 404, `not found: ${urlPath}\n`);
+    return;
+  }
+  let st;
+  try {
+    st = statSync(full);
+    if (st.isDirectory()) {
+      full = join(full, 'index.html');
+      st = statSync(full);
+    }
+  } catch {
+    send(res, 404, `not found: ${urlPath}\n`);
+    return;
+  }
+  if (!st.isFile()) {
+    send(res, 404, `not found: ${urlPath}\n`);
+    return;
+  }
+  // Revalidation (no-cache + ETag): unchanged files answer 304, so the browser keeps its
+  // compiled wasm between page loads, and a rebuilt artifact is never served stale.
+  const etag = `"${st.size.toString(16)}-${Math.floor(st.mtimeMs).toString(16)}"`;
+  res.setHeader('ETag', etag);
+  res.setHeader('Last-Modified', st.mtime.toUTCString());
+  if (req.headers['if-none-match'] === etag) {
+    res.writeHead(304);
+    res.end();
+    return;
+  }
+  res.writeHead(200, {
+    'Content-Type': MIME[extname(full).toLowerCase()] || 'application/octet-stream',
+    'Content-Length': st.size,
+  });
+  if (req.method === 'HEAD') {
+    res.end();
+    return;
+  }
+  const stream = createReadStream(full);
+  stream.on('error', () => res.destroy());
+  stream.pipe(res);
+});
+
+server.on('error', (err) => {
+  process.stderr.write(`serve.mjs: cannot listen on ${opts.host}:${opts.port}: ${err.message}\n`);
+  process.exit(1);
+});
+
+server.listen(opts.port, opts.host, () => {
+  const { port } = server.address();
+  const host = opts.host.includes(':') ? `[${opts.host}]` : opts.host;
+  const suggestion = suggestArtifacts(mounts[1][1]);
+  const query = suggestion && suggestion !== '/artifacts/tiny' ? `?artifacts=${suggestion}` : '';
+  process.stdout.write(`http://${host}:${port}/${query}\n`);
+  if (!suggestion) {
+    process.stderr.write(
+      `serve.mjs: no folder with a manifest.json in ${mounts[1][1]}; build one with ` +
+        '`python -m graphgen build --config tiny --out <that folder>/tiny`\n',
+    );
+  }
+  process.stdout.write(
+    `serving hosts/web, onnxruntime-web at /ort/, ${mounts[1][1]} at /artifacts/` +
+      (opts.data ? `, ${resolve(opts.data)} at /data/` : '') +
+      ' (Ctrl-C stops)\n',
+  );
+});
+
+for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => process.exit(0));

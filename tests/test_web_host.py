@@ -1,0 +1,318 @@
+"""The browser host (hosts/web): train_step.onnx trained in headless Chromium with
+onnxruntime-web must reproduce the Python `ort` runtime's losses on the same batches.
+
+Needs Node (>= 20, with npm) and Debian's /usr/bin/chromium (scripts/install_chromium.sh;
+`make test` installs it). Skipped, with the reason, only where /usr/bin/chromium is absent.
+The test tooling (playwright-core, onnxruntime-web) comes from hosts/web/package-lock.json via
+`npm ci`; no browser is ever downloaded. The screenshot lands in test-output/web-host.png.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtimes
+from runtimes.data import dense_labels, encode, fixed_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+WEB = ROOT / "hosts" / "web"
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = ROOT / "test-output" / "web-host.png"
+STAMP = WEB / "node_modules" / ".installed"  # touched after `npm ci` (here and by `make web`)
+NEEDED = (
+    "node_modules/onnxruntime-web/dist/ort.wasm.min.mjs",
+    "node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm",
+    "node_modules/playwright-core/package.json",
+)
+
+N_STEPS, BATCH, SEQ = 20, 4, 64
+HP = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)  # runtimes.make_hp's defaults
+LOSS_TOL = 1e-4
+PROMPT, GEN, TEMPERATURE, SAMPLE_SEED = "The ", 80, 0.8, 3  # the main page samples; the text page is greedy
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("the browser-host test needs Node.js (>= 20) and npm on PATH")
+    return node
+
+
+@pytest.fixture(scope="module")
+def web_tooling() -> str:
+    """hosts/web/node_modules from the lockfile (npm ci when missing or stale); returns node's path."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: run scripts/install_chromium.sh (make test does) to run the browser host test")
+    node = _node()
+    lock = WEB / "package-lock.json"
+    # Two test runs at once must not both `npm ci` into the same folder: hold a lock.
+    lock_path = Path(tempfile.gettempdir()) / f"gpt2-onnx-web-npm-{hashlib.sha1(str(WEB).encode()).hexdigest()[:12]}.lock"
+    with open(lock_path, "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        fresh = STAMP.is_file() and STAMP.stat().st_mtime >= lock.stat().st_mtime
+        if not fresh or not all((WEB / p).is_file() for p in NEEDED):
+            _npm_ci()
+    return node
+
+
+def _npm_ci() -> None:
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.fail("hosts/web/node_modules is missing or stale and npm is not on PATH")
+    proc = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"], cwd=WEB, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, f"npm ci in hosts/web failed:\n{proc.stdout}\n{proc.stderr}"
+    missing = [p for p in NEEDED if not (WEB / p).is_file()]
+    assert not missing, f"npm ci did not provide {missing}"
+    STAMP.touch()
+
+
+def _write_batches_json(path: Path, batches) -> None:
+    stack = lambda i: np.stack([b[i] for b in batches]).astype(np.int64)  # noqa: E731
+    tokens, positions, labels = stack(0), stack(1), stack(2)
+    path.write_text(json.dumps({
+        "format": "gpt2-onnx-batches",
+        "version": 1,
+        "shape": list(tokens.shape),
+        "hp": HP,
+        "tokens": tokens.ravel().tolist(),
+        "positions": positions.ravel().tolist(),
+        "labels": labels.ravel().tolist(),
+    }))
+
+
+class Server:
+    """hosts/web/serve.mjs on a free port (--port 0); the URL is its first line of output."""
+
+    def __init__(self, node: str, artifacts: Path, data: Path):
+        self.proc = subprocess.Popen(
+            [node, str(WEB / "serve.mjs"), "--artifacts", str(artifacts), "--data", str(data), "--port", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(20)
+        if not line or not line[0].startswith("http://"):
+            self.close()
+            raise AssertionError(f"serve.mjs did not print its URL: {line!r} {self.proc.stderr.read()!r}")
+        self.url = line[0].strip().split("?")[0]  # http://127.0.0.1:PORT/
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def mulberry32(seed: int):
+    """The page's PRNG (hosts/web/lib.mjs), in Python: floats in [0, 1)."""
+    a = seed & 0xFFFFFFFF
+    m = 0xFFFFFFFF
+
+    def nxt() -> float:
+        nonlocal a
+        a = (a + 0x6D2B79F5) & m
+        x = a
+        x = ((x ^ (x >> 15)) * (x | 1)) & m
+        x = (x ^ ((x + ((x ^ (x >> 7)) * (x | 61))) & m)) & m
+        return ((x ^ (x >> 14)) & m) / 4294967296
+
+    return nxt
+
+
+def page_text_batches(data: bytes, batch: int, seq: int, seed: int, n: int):
+    """The batches the page draws from a text (lib.mjs byteSampler), in Python."""
+    rand, high = mulberry32(seed), len(data) - seq
+    arr = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+    out = []
+    for _ in range(n):
+        offs = [int(rand() * high) for _ in range(batch)]
+        win = np.stack([arr[o: o + seq + 1] for o in offs])
+        out.append((win[:, :-1].copy(), np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy(), win[:, 1:].copy()))
+    return out
+
+
+# The pages one Chromium session drives, in order (the screenshot is of the first).
+TEXT_MODE = dict(batch=2, seq=32, seed=7, lr=0.002, threads=2)  # no step limit: the driver presses Stop
+TEXT_STOP_AFTER = 5
+ST_STEPS, ST_LR = 3, 3e-3
+
+
+@pytest.fixture(scope="module")
+def web_runs(web_tooling, tiny_index, tiny_dense, tmp_path_factory):
+    """Serve artifacts and batch files, drive the page in Chromium; returns {name: (batches, result)}.
+
+    main:      tiny (index labels), 20 Python batches as JSON, greedy sample -> screenshot
+    text:      tiny, the page's own batches from the bundled corpus.txt until Stop (replayed in Python)
+    st_dense:  tiny dense labels, a safetensors batch file from runtimes.batchfile
+    mismatch:  that batch file (written for dense labels) against index-label artifacts: refused
+    tampered:  a copy of tiny whose weights.safetensors has one byte changed: refused (sha256)
+    """
+    from runtimes.batchfile import write_batches
+
+    root = tmp_path_factory.mktemp("web-root")
+    arts, data = root / "artifacts", root / "data"
+    arts.mkdir()
+    data.mkdir()
+    (arts / "tiny").symlink_to(tiny_index, target_is_directory=True)
+    (arts / "tiny-dense").symlink_to(tiny_dense, target_is_directory=True)
+    tampered = arts / "tampered"
+    tampered.mkdir()
+    for name in ("manifest.json", "train_step.onnx", "forward.onnx", "weights.safetensors"):
+        shutil.copyfile(tiny_index / name, tampered / name)
+    raw = bytearray((tampered / "weights.safetensors").read_bytes())
+    raw[-5] ^= 0x01  # a low mantissa bit of the last weight: still a valid file, different hash
+    (tampered / "weights.safetensors").write_bytes(bytes(raw))
+
+    corpus = (WEB / "corpus.txt").read_bytes()
+    main = fixed_batches(encode(corpus), BATCH, SEQ, N_STEPS, seed=0)
+    _write_batches_json(data / "batches.json", main)
+    st = fixed_batches(encode(corpus), 2, 16, ST_STEPS, seed=1)
+    dense_cfg = json.loads((tiny_dense / "manifest.json").read_text())["config"]
+    write_batches(data / "dense.safetensors", st, {**HP, "lr": ST_LR}, config=dense_cfg)
+
+    pages = {
+        "main": (main, f"?batches=/data/batches.json&gen={GEN}&temperature={TEMPERATURE}&sample_seed={SAMPLE_SEED}"),
+        "text": (None, "?" + "&".join(f"{k}={v}" for k, v in TEXT_MODE.items()) + "&gen=12&temperature=0"),
+        "st_dense": (st, "?artifacts=/artifacts/tiny-dense&batches=/data/dense.safetensors&gen=8"),
+        "mismatch": (None, "?artifacts=/artifacts/tiny&batches=/data/dense.safetensors"),
+        "tampered": (None, "?artifacts=/artifacts/tampered"),
+    }
+    server = Server(web_tooling, arts, data)
+    try:
+        shot = root / "web-host.png"
+        cmd = [web_tooling, str(WEB / "drive.mjs"), "--screenshot", str(shot), "--timeout", "60"]
+        for name, (_, query) in pages.items():
+            cmd += ["--url", server.url + query]
+            if name == "text":
+                cmd += ["--stop-after", str(TEXT_STOP_AFTER)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+    finally:
+        server.close()
+    # 1: some page reported an error (two of them must); anything else is a failure of the run.
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    if shot.exists():
+        tmp = SCREENSHOT.with_name(f".{SCREENSHOT.name}.{os.getpid()}")
+        shutil.copyfile(shot, tmp)
+        os.replace(tmp, SCREENSHOT)  # whole file or none, even with two runs at once
+    else:
+        SCREENSHOT.unlink(missing_ok=True)  # no stale picture from an earlier run
+    assert proc.returncode in (0, 1), f"drive.mjs failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(pages), f"expected {len(pages)} results, got:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return {name: (batches, json.loads(line)) for (name, (batches, _)), line in zip(pages.items(), lines)}
+
+
+def _python_run(folder: Path, batches, lr: float, dense: bool = False):
+    """(losses, runtime after the updates): the Python `ort` runtime on the same batches."""
+    rt = runtimes.load(folder, runtime="ort")
+    out = []
+    for i, (t, p, l) in enumerate(batches):
+        labels = dense_labels(l, rt.art.config["vocab"]) if dense else l
+        out.append(rt.step(t, p, labels, runtimes.make_hp(**{**HP, "lr": lr}, step=i + 1)))
+    return out, rt
+
+
+def _check_sample(result: dict, rt, n_gen: int, temperature: float, seed: int = 0) -> None:
+    """The page's sample is shown and each generated byte is what forward.onnx under the trained
+    weights gives in Python: the argmax (greedy), or the byte whose softmax interval holds the
+    page's uniform draw (mulberry32(seed), one per byte), up to float tolerance."""
+    sample = result["sample"]
+    assert sample is not None and sample["step"] == len(result["log"]) and sample["temperature"] == temperature
+    seq = sample["tokens"]
+    prompt = list(PROMPT.encode("utf-8"))
+    assert sample["promptLength"] == len(prompt) and seq[: len(prompt)] == prompt
+    assert len(seq) == len(prompt) + n_gen
+    shown = bytes(seq).decode("utf-8", errors="replace")
+    assert result["sampleText"] == shown == sample["text"]
+    ctx_len, rand = rt.art.config["context"], mulberry32(seed)
+    for i in range(len(prompt), len(seq)):
+        ctx = np.array(seq[max(0, i - ctx_len): i], dtype=np.int64)[None]
+        logits = rt.logits(ctx, np.arange(ctx.shape[1], dtype=np.int64)[None])[0, -1].astype(np.float64)
+        k = seq[i]
+        if temperature == 0:
+            gap = float(logits.max() - logits[k])
+            assert gap <= 1e-4, f"byte {i} ({k}) is not the argmax (max at {int(logits.argmax())}, gap {gap})"
+        else:
+            u = rand()
+            w = np.exp((logits - logits.max()) / temperature)
+            cum = np.cumsum(w / w.sum())
+            lo, hi = (cum[k - 1] if k else 0.0), cum[k]
+            assert lo - 1e-4 <= u < hi + 1e-4, f"byte {i} ({k}): draw {u} outside its interval [{lo}, {hi})"
+
+
+def _compare(name: str, result: dict, py: list[float]) -> float:
+    assert result["error"] is None, f"{name}: page error: {result['error']}"
+    log = result["log"]
+    assert [e["step"] for e in log] == list(range(1, len(py) + 1)), log
+    web = np.array([e["loss"] for e in log])
+    diff = float(np.abs(web - np.array(py)).max())
+    print(f"\n{name}: browser ({result['backend']}) vs python ort over {len(py)} steps: max |loss diff| = {diff:.3g}")
+    assert np.all(np.isfinite(web))
+    assert diff <= LOSS_TOL, f"{name}: browser losses {web.tolist()} vs python {py}"
+    return diff
+
+
+def test_web_losses_match_python_ort(web_runs, tiny_index):
+    batches, result = web_runs["main"]
+    py, rt = _python_run(tiny_index, batches, HP["lr"])
+    _compare("main (20 JSON batches)", result, py)
+    _check_sample(result, rt, GEN, TEMPERATURE, SAMPLE_SEED)
+    assert len(set(result["sample"]["tokens"][len(PROMPT):])) > 3  # sampled text, visibly not one byte repeated
+    assert py[-1] < py[0]  # the batches do train
+    assert result["backend"].startswith("wasm")  # --disable-gpu: no WebGPU adapter, wasm
+    assert result["crossOriginIsolated"] is True  # serve.mjs's COOP/COEP headers took effect
+    assert result["tokensPerSecond"].replace(",", "").isdigit()
+
+
+def test_web_text_mode_batches_match_python(web_runs, tiny_index):
+    """Without ?batches the page samples the bundled text itself until Stop is pressed; the
+    same windows in Python give the same losses (checks the page's sampler, URL parameters,
+    hp, the Stop button and 2 wasm threads)."""
+    _, result = web_runs["text"]
+    n = len(result["log"])
+    # The page has no step limit: it finished only because Stop was pressed (after >= 5 steps;
+    # steps already under way while the click travels still complete).
+    assert n >= TEXT_STOP_AFTER, f"Stop after {TEXT_STOP_AFTER} steps left {n}"
+    assert result["sample"]["step"] == n and result["backend"] == "wasm ×2"
+    corpus = (WEB / "corpus.txt").read_bytes()
+    batches = page_text_batches(corpus, TEXT_MODE["batch"], TEXT_MODE["seq"], TEXT_MODE["seed"], n)
+    py, rt = _python_run(tiny_index, batches, TEXT_MODE["lr"])
+    _compare("text mode (corpus.txt, stopped)", result, py)
+    _check_sample(result, rt, 12, 0)
+
+
+def test_web_safetensors_batches_dense_labels(web_runs, tiny_dense):
+    batches, result = web_runs["st_dense"]
+    _compare("safetensors batch file, dense labels", result, _python_run(tiny_dense, batches, ST_LR, dense=True)[0])
+
+
+def test_web_refuses_bad_inputs(web_runs):
+    _, mismatch = web_runs["mismatch"]
+    assert mismatch["log"] == [] and mismatch["sample"] is None
+    assert "labels" in (mismatch["error"] or "") and "dense" in mismatch["error"], mismatch["error"]
+    assert mismatch["status"].startswith("error:")
+    _, tampered = web_runs["tampered"]
+    assert tampered["log"] == [] and tampered["sample"] is None
+    assert "weights.safetensors" in (tampered["error"] or "") and "sha256" in tampered["error"], tampered["error"]
+
+
+def test_web_screenshot_is_png(web_runs):
+    data = SCREENSHOT.read_bytes()
+    assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n", f"{SCREENSHOT} is not a PNG"
