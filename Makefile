@@ -8,7 +8,7 @@ ORTSTAMP:= $(ORTVENV)/.installed
 CONFIGS ?= tiny small
 STEPS   ?=
 
-.PHONY: all venv artifacts train test parity web clean
+.PHONY: all venv artifacts train test parity web soak clean
 
 all: artifacts
 
@@ -49,6 +49,10 @@ web: $(STAMP) $(WEBSTAMP)
 test: $(STAMP) $(ORTSTAMP) $(WEBSTAMP)
 	sh scripts/install_chromium.sh
 	$(VPY) -m pytest -q
+
+# 10,000 steps on tiny with checkpoints every 500: RSS and file descriptors must stay flat.
+soak: $(STAMP)
+	$(VPY) -m pytest -m soak -s tests/test_soak.py
 
 parity: $(STAMP) $(ORTSTAMP)
 	$(VPY) -m pytest -q -s tests/test_parity.py

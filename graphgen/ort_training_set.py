@@ -14,11 +14,9 @@ seed (see NOTES.md):
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import onnx
@@ -31,27 +29,15 @@ TRAINING_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onn
 
 
 def _import_ort_training():
-    """Import onnxruntime.training's artifacts/onnxblock without importing torch.
+    """onnxruntime.training's artifacts/onnxblock, without torch (runtimes.ort_env says how)."""
+    from runtimes.ort_env import import_onnxruntime, stub_training_package
 
-    ``onnxruntime.training.__init__`` imports ``amp`` and ``optim``, which need
-    torch. The submodules we use do not: registering a bare package module whose
-    __path__ is the package folder lets them import alone.
-    """
-    if "onnxruntime.training" not in sys.modules:
-        spec = importlib.util.find_spec("onnxruntime")
-        if spec is None or spec.submodule_search_locations is None:
-            raise ImportError("onnxruntime is not installed; install the 'training' extra")
-        folder = Path(list(spec.submodule_search_locations)[0]) / "training"
-        if not folder.is_dir():
-            raise ImportError(
-                "this onnxruntime has no training package; install onnxruntime-training-cpu==1.19.2 "
-                "(pip install '.[training]') to build the ONNX Runtime training set"
-            )
-        pkg = types.ModuleType("onnxruntime.training")
-        pkg.__path__ = [str(folder)]
-        sys.modules["onnxruntime.training"] = pkg
-    import onnxruntime
-
+    if stub_training_package() is None:
+        raise ImportError(
+            "this environment has no onnxruntime-training; install onnxruntime-training-cpu==1.19.2 "
+            "(pip install '.[training]') to build the ONNX Runtime training set"
+        )
+    onnxruntime = import_onnxruntime()
     onnxruntime.set_default_logger_severity(3)  # its graph transformers log every pass at INFO
     from onnxruntime.training import artifacts, onnxblock  # noqa: E402
 

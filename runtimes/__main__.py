@@ -1,4 +1,10 @@
-"""CLI: ``python -m runtimes train --artifacts artifacts/small --steps N [...]``."""
+"""CLI: ``python -m runtimes train --artifacts artifacts/small --steps N [...]``.
+
+Exit status: 0 on success; 2 with one line ``error: ...`` on stderr for every
+error this package raises on purpose (bad option, artifacts, data, checkpoint,
+unwritable or full --out, divergence: the message names the last good
+checkpoint); 130 on Ctrl-C (the last checkpoint is kept).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import sys
 
 from .base import DEVICES, REGISTRY
 from .errors import GPT2OnnxError
+from .ort_env import import_onnxruntime
 from .train import TrainOptions, train
 
 _D = TrainOptions()
@@ -34,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     t.add_argument("--sample-bytes", type=int, default=_D.sample_bytes, help="bytes of text to generate at the end")
     t.add_argument("--resume", default=None, help="checkpoint to continue from (e.g. runs/NAME/checkpoint.safetensors)")
+    t.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this step with a checkpoint (the lr schedule still spans --steps); resume later")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -45,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         lr=a.lr, min_lr=a.min_lr, warmup=a.warmup, seed=a.seed, data=a.data, out=a.out,
         eval_every=a.eval_every, eval_batches=a.eval_batches, checkpoint_every=a.checkpoint_every,
         threads=a.threads, sample_bytes=a.sample_bytes, resume=a.resume, progress=not a.no_progress,
+        stop_after=a.stop_after,
     )
+    import_onnxruntime()  # before train() loads a runtime: skips the training wheel's torch import
     try:
         s = train(opts)
     except GPT2OnnxError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept", file=sys.stderr)

@@ -55,7 +55,7 @@ class Artifacts:
 
     def path(self, name: str) -> Path:
         if name not in self.manifest["files"]:
-            raise ArtifactError(f"{self.folder}: manifest.json lists no file {name!r}")
+            raise ArtifactError(f"{self.folder}: manifest.json lists no file {name!r} (artifacts from another version?)")
         return self.folder / name
 
     def model_io(self, model: str) -> dict:
@@ -78,22 +78,92 @@ class Artifacts:
         return {n: weights[n] for n in self.param_names}
 
 
-def check_weights(weights: dict[str, np.ndarray], art: Artifacts, source: str) -> None:
-    """Every parameter present with the manifest's shape and float32 dtype."""
+def check_weights(weights: dict[str, np.ndarray], art: Artifacts, source: str, error: type = ArtifactError) -> None:
+    """Every parameter present with the manifest's shape and float32 dtype (raises ``error``)."""
     shapes = art.param_shapes
     missing = [n for n in shapes if n not in weights]
     if missing:
-        raise ArtifactError(f"{source}: missing parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        raise error(f"{source}: missing parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
     for name, shape in shapes.items():
         w = weights[name]
         if tuple(w.shape) != shape or w.dtype != np.float32:
-            raise ArtifactError(
+            raise error(
                 f"{source}: parameter {name!r} is {w.dtype}{list(w.shape)}, manifest says float32{list(shape)}"
             )
 
 
+def _header_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a safetensors file's JSON header, without reading the data."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 100 << 20:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+        return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _check_manifest(mpath: Path, manifest: dict) -> None:
+    """Structure and internal consistency: what every runner relies on before opening a model."""
+    from .hp import HP_LAYOUT
+
+    def bad(what: str):
+        raise ArtifactError(f"{mpath}: {what}; the manifest is damaged or from another version (rebuild the artifacts)")
+
+    for key, kind in (("config", dict), ("parameters", list), ("files", dict), ("models", dict), ("hp", dict)):
+        if key not in manifest:
+            bad(f"missing key {key!r}")
+        if not isinstance(manifest[key], kind):
+            bad(f"{key!r} is a {type(manifest[key]).__name__}, expected a {kind.__name__}")
+    cfg = manifest["config"]
+    missing_cfg = [k for k in CONFIG_KEYS if k not in cfg]
+    if missing_cfg:
+        raise ArtifactError(f"{mpath}: config lacks {missing_cfg}")
+    for k in ("vocab", "context", "d_model", "n_heads", "d_ff", "n_layers"):
+        if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 1:
+            bad(f"config.{k} = {cfg[k]!r}, expected an integer >= 1")
+    if cfg["labels"] not in ("index", "dense"):
+        bad(f"config.labels = {cfg['labels']!r}, expected 'index' or 'dense'")
+    hp = manifest["hp"]
+    if list(hp.get("layout", ())) != list(HP_LAYOUT) or hp.get("length") != len(HP_LAYOUT) or hp.get("dtype") != "float32":
+        bad(f"hp is {hp.get('dtype')!r}[{hp.get('length')!r}] {hp.get('layout')!r}, this runner feeds float32[7] {list(HP_LAYOUT)}")
+    names = set()
+    for i, p in enumerate(manifest["parameters"]):
+        if (not isinstance(p, dict) or not isinstance(p.get("name"), str) or not isinstance(p.get("shape"), list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in p["shape"])
+                or p.get("dtype") != "float32"):
+            bad(f"parameters[{i}] = {p!r} is not {{name, shape: [positive ints], dtype: 'float32'}}")
+        if p["name"] in names:
+            bad(f"parameter {p['name']!r} is listed twice")
+        names.add(p["name"])
+    if not names:
+        bad("lists no parameters")
+    shapes = {p["name"]: p["shape"] for p in manifest["parameters"]}
+    for name, want in (("wte", [cfg["vocab"], cfg["d_model"]]), ("wpe", [cfg["context"], cfg["d_model"]])):
+        if name in shapes and shapes[name] != want:
+            raise ArtifactError(
+                f"{mpath}: parameter {name!r} has shape {shapes[name]}, but config (vocab {cfg['vocab']}, "
+                f"context {cfg['context']}, d_model {cfg['d_model']}) implies {want}: the manifest is from another config"
+            )
+    for name, info in manifest["files"].items():
+        if (not isinstance(info, dict) or not isinstance(info.get("sha256"), str)
+                or isinstance(info.get("bytes"), bool) or not isinstance(info.get("bytes"), int)):
+            bad(f"files[{name!r}] = {info!r} is not {{sha256, bytes}}")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            bad(f"files lists {name!r}, which is outside the artifact folder")
+
+
 def load_artifacts(folder: str | Path, verify: bool = True, needs: tuple[str, ...] = ()) -> Artifacts:
-    """Read and check ``folder/manifest.json``; ``needs`` lists files the caller will open."""
+    """Read and check ``folder/manifest.json``; ``needs`` lists files the caller will open.
+
+    Always (cheap): the manifest's format, version, structure and internal
+    consistency, the presence of every file ``needs`` names, and that the
+    parameter names, shapes and dtypes in weights.safetensors' header are the
+    manifest's. With ``verify`` (the default): every file the manifest lists
+    exists with its recorded size and sha256.
+    """
     folder = Path(folder)
     mpath = folder / "manifest.json"
     if not folder.is_dir():
@@ -101,9 +171,11 @@ def load_artifacts(folder: str | Path, verify: bool = True, needs: tuple[str, ..
     if not mpath.is_file():
         raise ArtifactError(f"{folder} has no manifest.json; is it an artifact folder? (python -m graphgen build --out {folder})")
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(mpath.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{mpath} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ArtifactError(f"{mpath} cannot be read: {e.strerror or e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ArtifactError(f"{mpath}: not a {MANIFEST_FORMAT} manifest (format={manifest.get('format') if isinstance(manifest, dict) else None!r})")
     version = manifest.get("format_version")
@@ -111,15 +183,11 @@ def load_artifacts(folder: str | Path, verify: bool = True, needs: tuple[str, ..
         raise ArtifactError(
             f"{mpath}: format_version {version!r} is not one this runner reads {SUPPORTED_VERSIONS}; rebuild the artifacts with this version"
         )
-    for key in ("config", "parameters", "files", "models", "hp"):
-        if key not in manifest:
-            raise ArtifactError(f"{mpath}: missing key {key!r}")
-    missing_cfg = [k for k in CONFIG_KEYS if k not in manifest["config"]]
-    if missing_cfg:
-        raise ArtifactError(f"{mpath}: config lacks {missing_cfg}")
+    _check_manifest(mpath, manifest)
     art = Artifacts(folder, manifest)
     for name in needs:
-        art.path(name)
+        if not art.path(name).is_file():
+            raise ArtifactError(f"{folder}: file {name} listed in manifest.json is missing")
     if verify:
         for name, info in manifest["files"].items():
             path = folder / name
@@ -131,4 +199,16 @@ def load_artifacts(folder: str | Path, verify: bool = True, needs: tuple[str, ..
                 )
             if _sha256(path) != info["sha256"]:
                 raise ArtifactError(f"{path}: sha256 differs from manifest.json (corrupted or from another build)")
+    wpath = folder / "weights.safetensors"
+    if "weights.safetensors" in manifest["files"] and wpath.is_file():
+        header = _header_shapes(wpath)
+        for name, shape in art.param_shapes.items():
+            got = header.get(name)
+            if got is None:
+                raise ArtifactError(f"{wpath}: has no parameter {name!r}, which manifest.json lists (manifest from another config?)")
+            if got != ("F32", shape):
+                raise ArtifactError(
+                    f"{wpath}: parameter {name!r} is {got[0]}{list(got[1])}, manifest.json says F32{list(shape)} "
+                    f"(manifest from another config?)"
+                )
     return art

@@ -21,6 +21,7 @@ import numpy as np
 from .artifacts import Artifacts, check_weights, load_artifacts
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, InputError, RuntimeUnavailable
+from .ort_env import import_onnxruntime
 from .hp import check_hp
 from .validate import check_labels, check_tokens
 
@@ -127,7 +128,7 @@ class Runtime:
     def _logits(self, tokens, positions) -> np.ndarray:
         """Default: forward.onnx in a plain InferenceSession with the current parameters."""
         if self._forward is None:
-            import onnxruntime as ort
+            ort = import_onnxruntime()
 
             so = ort.SessionOptions()
             if self.threads:
@@ -161,7 +162,7 @@ def check_device(device: str) -> None:
     if device not in DEVICES:
         raise InputError(f"device must be one of {DEVICES}, got {device!r}")
     if device == "cuda":
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise RuntimeUnavailable(
@@ -197,7 +198,7 @@ def resume(path: str | Path, runtime: str | None = None, device: str = "cpu",
             f"{path} was written for another model (fingerprint {ckpt.fingerprint}) than the artifacts in "
             f"{rt.art.folder} ({rt.art.fingerprint})"
         )
-    check_weights(ckpt.params, rt.art, str(path))
+    check_weights(ckpt.params, rt.art, str(path), error=CheckpointError)
     rt._restore(ckpt)
     rt.step_count = ckpt.step
     rt.resumed_extra = ckpt.extra

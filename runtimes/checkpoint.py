@@ -7,13 +7,27 @@ Tensors: ``param/<name>`` for every parameter, ``adam_m/<name>`` and
 format and version, runtime, step count, the artifact folder and its model
 fingerprint, and ``extra`` (JSON: the data sampler's state, run options).
 
-Writes are atomic: the bytes go to a temporary file in the target's folder,
-which is fsynced, renamed over the target, and the folder fsynced. A crash at
-any point leaves either the old file or the new one, never half of one.
+Writes are atomic: the bytes go to a temporary file in the target's folder
+(``.<name>.<pid>.<random>.tmp``), which is fsynced, renamed over the target,
+and the folder fsynced. A crash at any point leaves either the old file or the
+new one, never half of one; the next write to the same path removes temporary
+files that crashed writers left (those whose process no longer exists). One
+writer per path at a time. A write that fails (disk full, read-only, the
+folder is a file) raises OutputError and leaves the target as it was.
+
+Loading checks, before any runtime sees the tensors: the file is complete
+(safetensors' header and sizes), of this format and version, its step is a
+non-negative integer, every tensor is float32, the moments (if any) cover
+exactly the parameters with the same shapes, every value is finite (a
+checkpoint is only written from a finite state), and the sha256 of the
+tensors recorded at save time still matches (a flipped bit is caught, not
+trained on). Anything else is a CheckpointError naming the file.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -22,7 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: new files get 0666 & ~umask, like open() would give them
 
 FORMAT = "gpt2-onnx-checkpoint"
 VERSION = 1
@@ -41,27 +58,84 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)
 
 
+def _remove_stale_temps(folder: Path, name: str) -> None:
+    """Delete ``.<name>.<pid>.*.tmp`` left by writers that died (SIGKILL, power loss)."""
+    prefix = f".{name}."
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        pid_text = entry[len(prefix):].split(".", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # its writer is alive (or the pid was reused): leave it
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+        try:
+            os.unlink(os.path.join(folder, entry))
+        except OSError:
+            pass
+
+
+def _write_failed(path: Path, e: OSError) -> OutputError:
+    code = errno.errorcode.get(e.errno, "") if e.errno else ""
+    why = f"{e.strerror or e}" + (f" ({code})" if code else "")
+    kept = "the previous file is intact" if path.exists() else "nothing was written"
+    hint = "; free some space or choose another output folder" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return OutputError(f"could not write {path}: {why}; {kept}{hint}")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (see the module docstring); OutputError on failure."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    folder = path.parent
+    _remove_stale_temps(folder, path.name)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise _write_failed(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(e, OSError):
+            raise _write_failed(path, e) from None
         raise
-    dfd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # folders some filesystems cannot fsync
+            raise _write_failed(path, e) from None
+
+
+def _tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        a = np.ascontiguousarray(tensors[k])
+        h.update(f"{k}|{a.dtype.str}|{list(a.shape)}|".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
@@ -81,6 +155,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "artifacts": ckpt.artifacts,
         "fingerprint": ckpt.fingerprint,
         "extra": json.dumps(ckpt.extra),
+        "tensors_sha256": _tensors_sha256(tensors),
     }
     write_atomic(Path(path), save(tensors, metadata=meta))
 
@@ -106,6 +181,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: malformed metadata: {e}") from None
+    if step < 0:
+        raise CheckpointError(f"{path}: step is {step}, must be >= 0")
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path}: metadata 'extra' is a {type(extra).__name__}, expected a JSON object")
+    want_sha = meta.get("tensors_sha256")
+    if want_sha is not None and _tensors_sha256(tensors) != want_sha:
+        raise CheckpointError(f"{path}: tensor data does not match the sha256 recorded when it was saved (corrupted file)")
 
     def group(prefix: str) -> dict[str, np.ndarray] | None:
         d = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
@@ -118,14 +200,30 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     params = group("param")
     if not params:
         raise CheckpointError(f"{path}: holds no parameters")
+    adam_m, adam_v = group("adam_m"), group("adam_v")
+    if (adam_m is None) != (adam_v is None):
+        raise CheckpointError(f"{path}: holds {'adam_m' if adam_m else 'adam_v'} without {'adam_v' if adam_m else 'adam_m'}")
+    for gname, g in (("param", params), ("adam_m", adam_m), ("adam_v", adam_v)):
+        if g is None:
+            continue
+        if gname != "param" and set(g) != set(params):
+            diff = sorted(set(g) ^ set(params))
+            raise CheckpointError(f"{path}: {gname} and the parameters name different tensors ({diff[:5]})")
+        for k, a in g.items():
+            if a.dtype != np.float32:
+                raise CheckpointError(f"{path}: {gname}/{k} is {a.dtype}, expected float32")
+            if gname != "param" and a.shape != params[k].shape:
+                raise CheckpointError(f"{path}: {gname}/{k} has shape {list(a.shape)}, its parameter {list(params[k].shape)}")
+            if not np.isfinite(a).all():
+                raise CheckpointError(f"{path}: {gname}/{k} holds NaN or infinite values; it cannot be trained from")
     return Checkpoint(
         runtime=meta.get("runtime", ""),
         step=step,
         artifacts=meta.get("artifacts", ""),
         fingerprint=meta.get("fingerprint", ""),
         params=params,
-        adam_m=group("adam_m"),
-        adam_v=group("adam_v"),
+        adam_m=adam_m,
+        adam_v=adam_v,
         native=native,
         extra=extra,
     )

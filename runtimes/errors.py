@@ -23,6 +23,12 @@ class CheckpointError(GPT2OnnxError):
     """A checkpoint file is missing, truncated, or does not match the artifacts."""
 
 
+class OutputError(GPT2OnnxError):
+    """An output (run folder, checkpoint, weights, log) cannot be written: the folder is
+    not a writable directory, or the disk is full. Files are replaced atomically, so the
+    previous version of the file that failed is left as it was."""
+
+
 class DataError(GPT2OnnxError, ValueError):
     """Training text is missing, empty, or too short for one batch."""
 
@@ -32,4 +38,8 @@ class RuntimeUnavailable(GPT2OnnxError):
 
 
 class TrainingDiverged(GPT2OnnxError):
-    """The loss or an updated tensor became NaN or infinite."""
+    """The loss or an updated tensor became NaN or infinite.
+
+    ``ort`` and ``reference`` do not commit a step whose loss is not finite;
+    ``ort-training`` updates in place and cannot roll back, so ``train`` stops
+    and keeps the last checkpoint whose parameters and moments were finite."""

@@ -22,14 +22,49 @@ HP_LAYOUT = ("lr", "beta1", "beta2", "eps", "weight_decay", "beta1h", "beta2h")
 HP_RTOL = 1e-4
 
 
+def _check_values(values, where) -> None:
+    """Ranges of lr, beta1, beta2, eps, weight_decay; ``where(i, name)`` names the value in messages."""
+    for i, (name, x) in enumerate(zip(HP_LAYOUT, values)):
+        if not math.isfinite(x):
+            raise InputError(f"{where(i, name)} must be finite, got {x!s}")
+    lr, b1, b2, eps, wd = values
+    if lr < 0:
+        raise InputError(f"{where(0, 'lr')} must be >= 0, got {lr!s}")
+    for i, (name, b) in enumerate((("beta1", b1), ("beta2", b2)), start=1):
+        if not 0.0 <= b < 1.0:
+            raise InputError(f"{where(i, name)} must be in [0, 1), got {b!s}")
+    if not eps > 0:
+        raise InputError(f"{where(3, 'eps')} must be > 0, got {eps!s}")
+    if wd < 0:
+        raise InputError(f"{where(4, 'weight_decay')} must be >= 0, got {wd!s}")
+
+
 def make_hp(lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
             weight_decay: float = 0.01, step: int = 1) -> np.ndarray:
-    """The float32[7] vector for update number ``step`` (1 for the first update)."""
-    if not isinstance(step, (int, np.integer)) or step < 1:
+    """The float32[7] vector for update number ``step`` (1 for the first update).
+
+    Raises InputError for a value out of range (the same ranges check_hp applies),
+    including a beta that rounds to 1 in float32.
+    """
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
         raise InputError(f"step must be an integer >= 1 (t counts from 1), got {step!r}")
+    try:
+        values = [float(x) for x in (lr, beta1, beta2, eps, weight_decay)]
+    except (TypeError, ValueError):
+        raise InputError(f"make_hp takes numbers, got lr={lr!r} beta1={beta1!r} beta2={beta2!r} "
+                         f"eps={eps!r} weight_decay={weight_decay!r}") from None
+    _check_values(values, lambda i, name: name)
+    lr, beta1, beta2, eps, weight_decay = values
+    step = int(step)
     b1h = 1.0 / (1.0 - beta1**step) if beta1 > 0 else 1.0
     b2h = 1.0 / (1.0 - beta2**step) if beta2 > 0 else 1.0
-    return np.array([lr, beta1, beta2, eps, weight_decay, b1h, b2h], dtype=np.float32)
+    with np.errstate(over="ignore"):
+        hp = np.array([lr, beta1, beta2, eps, weight_decay, b1h, b2h], dtype=np.float32)
+    for i, name in enumerate(HP_LAYOUT):  # float32 rounding: 0.99999999 -> 1.0, 1e39 -> inf
+        if not math.isfinite(float(hp[i])) or (i in (1, 2) and float(hp[i]) >= 1.0) or (i == 3 and float(hp[i]) <= 0):
+            raise InputError(f"{name} = {values[i] if i < 5 else (b1h, b2h)[i - 5]!r} becomes {hp[i]} in float32, "
+                             f"outside its range (see runtimes.hp.check_hp)")
+    return hp
 
 
 def check_hp(hp, step: int) -> np.ndarray:
@@ -45,23 +80,15 @@ def check_hp(hp, step: int) -> np.ndarray:
         raise InputError(f"hp must have shape (7,) {list(HP_LAYOUT)}, got {hp.shape}")
     for i, name in enumerate(HP_LAYOUT):
         if not math.isfinite(float(hp[i])):
-            raise InputError(f"hp[{i}] ({name}) must be finite, got {hp[i]}")
-    lr, b1, b2, eps, wd, b1h, b2h = (float(x) for x in hp)
-    if lr < 0:
-        raise InputError(f"hp[0] (lr) must be >= 0, got {lr}")
-    for i, (name, b) in enumerate((("beta1", b1), ("beta2", b2)), start=1):
-        if not 0.0 <= b < 1.0:
-            raise InputError(f"hp[{i}] ({name}) must be in [0, 1), got {b}")
-    if not eps > 0:
-        raise InputError(f"hp[3] (eps) must be > 0, got {eps}")
-    if wd < 0:
-        raise InputError(f"hp[4] (weight_decay) must be >= 0, got {wd}")
+            raise InputError(f"hp[{i}] ({name}) must be finite, got {hp[i]!s}")
+    _check_values(list(hp[:5]), lambda i, name: f"hp[{i}] ({name})")  # float32 scalars print as float32
+    lr, b1, b2, eps, wd = (float(x) for x in hp[:5])
     expected = make_hp(lr, b1, b2, eps, wd, step)
     for i, name, base in ((5, "beta1h", "beta1"), (6, "beta2h", "beta2")):
         want = float(expected[i])
         if abs(float(hp[i]) - want) > HP_RTOL * want:
             raise InputError(
-                f"hp[{i}] ({name}) = {float(hp[i])!r} disagrees with step t={step}: expected 1/(1-{base}^{step}) = {want!r} "
+                f"hp[{i}] ({name}) = {hp[i]!s} disagrees with step t={step}: expected 1/(1-{base}^{step}) = {expected[i]!s} "
                 f"(relative tolerance {HP_RTOL}); build hp with runtimes.make_hp(..., step={step})"
             )
-    return hp
+    return np.ascontiguousarray(hp)

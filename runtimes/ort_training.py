@@ -22,26 +22,17 @@ from .base import Runtime
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, InputError, RuntimeUnavailable
 from .ort_checkpoint import read_ort_checkpoint
+from .ort_env import import_onnxruntime, stub_training_package
 
 
 def _import_api():
-    """onnxruntime.training.api without importing torch (see NOTES.md)."""
-    import importlib.util
-    import sys
-    import types
-    from pathlib import Path
-
-    if "onnxruntime.training" not in sys.modules:
-        spec = importlib.util.find_spec("onnxruntime")
-        folder = Path(list(spec.submodule_search_locations)[0]) / "training" if spec else None
-        if folder is None or not (folder / "api").is_dir():
-            raise RuntimeUnavailable(
-                "the ort-training runtime needs onnxruntime-training-cpu==1.19.2 (pip install '.[training]'); "
-                "this environment has plain onnxruntime: use runtime 'ort' instead"
-            )
-        pkg = types.ModuleType("onnxruntime.training")
-        pkg.__path__ = [str(folder)]
-        sys.modules["onnxruntime.training"] = pkg
+    """onnxruntime.training.api without importing torch (see ort_env)."""
+    if stub_training_package() is None:
+        raise RuntimeUnavailable(
+            "the ort-training runtime needs onnxruntime-training-cpu==1.19.2 (pip install '.[training]'); "
+            "this environment has plain onnxruntime: use runtime 'ort' instead"
+        )
+    import_onnxruntime()
     from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
     return CheckpointState, Module, Optimizer
@@ -57,7 +48,7 @@ class OrtTrainingRuntime(Runtime):
         self._open(str(art.path("checkpoint")))
 
     def _open(self, checkpoint_path: str) -> None:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         CheckpointState, Module, Optimizer = self._api
         so = ort.SessionOptions()

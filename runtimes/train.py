@@ -4,9 +4,28 @@ Everything a run writes goes under ``--out``: ``log.jsonl`` (one JSON object per
 step: step, loss, lr, tokens_per_s, and val_loss where evaluated),
 ``checkpoint.safetensors`` (resumable: parameters, moments, step, the data
 sampler's state), ``weights.safetensors`` (the trained weights alone),
-``loss.png`` and ``sample.txt``. The output folder is checked for writability
-before the first step, and checkpoints are atomic, so an interrupted run
-always leaves its last good checkpoint.
+``loss.png`` and ``sample.txt``.
+
+Order of checks, all before the first step: options, the artifact manifest,
+the data (DataError when empty or shorter than one sequence), the output folder
+(OutputError when it cannot be created or written, or its disk has less free
+space than a checkpoint, the weights and the log need), then the runtime and,
+on resume, the checkpoint and the sampler state.
+
+Nothing lost: checkpoints are atomic (checkpoint.write_atomic), so an
+interrupted or killed run always leaves its last good checkpoint; it holds the
+sampler's RNG state and position, so ``--resume`` draws exactly the batches an
+uninterrupted run would and, on the CPU provider, reproduces its losses and
+weights bit for bit.
+
+Divergence: a step whose loss is NaN or infinite stops the run with
+TrainingDiverged (``ort`` and ``reference`` raise it themselves and do not
+commit the step; ``ort-training`` updates in place and returns the NaN). A
+gradient that overflows can leave parameters or moments non-finite while the
+loss of that step is still finite; train() therefore checks that every
+parameter and both AdamW moments are finite before it writes a checkpoint (and
+the weights), and stops with TrainingDiverged instead of writing them. Either
+way the last checkpoint on disk is the last good one, and the message names it.
 """
 
 from __future__ import annotations
@@ -14,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from . import base
+from .artifacts import Artifacts, load_artifacts
+from .checkpoint import write_atomic
 from .data import BatchSampler, decode, dense_labels, encode, fixed_batches, load_tokens, train_val_split
-from .errors import DataError, GPT2OnnxError, InputError, TrainingDiverged
+from .errors import DataError, GPT2OnnxError, InputError, OutputError, TrainingDiverged
 from .hp import make_hp
 
 
@@ -47,6 +69,7 @@ class TrainOptions:
     sample_bytes: int = 300
     resume: str | None = None
     progress: bool = True
+    stop_after: int | None = None  # stop (with a checkpoint) after this step; the lr schedule still spans `steps`
 
 
 def lr_at(step: int, opts: TrainOptions) -> float:
@@ -69,14 +92,35 @@ def _check_options(o: TrainOptions) -> None:
         ("eval_batches", o.eval_batches, o.eval_batches >= 1, ">= 1"),
         ("checkpoint_every", o.checkpoint_every, o.checkpoint_every >= 1, ">= 1"),
         ("sample_bytes", o.sample_bytes, o.sample_bytes >= 0, ">= 0"),
+        ("stop_after", o.stop_after, o.stop_after is None or o.stop_after >= 1, ">= 1"),
+        ("threads", o.threads, o.threads is None or o.threads >= 1, ">= 1"),
     ]
     for name, value, ok, rng in checks:
         if not ok:
             raise InputError(f"--{name.replace('_', '-')} must be {rng}, got {value!r}")
 
 
-def _prepare_out(out: Path) -> None:
-    """Fail before training, not after an hour, when the output folder is unusable."""
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+def _space_needed(art: Artifacts, opts: TrainOptions, out: Path) -> tuple[int, int, int]:
+    """(bytes needed on --out's disk, checkpoint size, weights size), estimated from the manifest.
+
+    A checkpoint holds parameters and both moments (ort-training: ONNX Runtime's
+    own checkpoint of the same again); the weights file the parameters. Files
+    the run will replace count as free, but one checkpoint's worth must be free
+    for the temporary copy an atomic replace writes.
+    """
+    n = sum(4 * math.prod(p["shape"]) for p in art.manifest["parameters"])
+    ckpt = (6 if opts.runtime == "ort-training" else 3) * n + (1 << 20)
+    weights = n + (64 << 10)
+    rest = 200 * opts.steps + (1 << 20)  # log.jsonl, loss.png, sample.txt, summary.json
+    existing = sum((out / f).stat().st_size for f in (CHECKPOINT_NAME, "weights.safetensors") if (out / f).is_file())
+    return max(ckpt + weights - existing, ckpt) + rest, ckpt, weights
+
+
+def _prepare_out(out: Path, art: Artifacts | None = None, opts: TrainOptions | None = None) -> None:
+    """Fail before training, not after an hour, when the output folder is unusable or its disk too full."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -86,7 +130,29 @@ def _prepare_out(out: Path) -> None:
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
-        raise InputError(f"--out {out} is not writable: {e.strerror or e}") from None
+        raise OutputError(f"--out {out} is not a writable folder: {e.strerror or e}") from None
+    if art is not None and opts is not None:
+        need, ckpt, weights = _space_needed(art, opts, out)
+        free = shutil.disk_usage(out).free
+        if free < need:
+            raise OutputError(
+                f"--out {out} has {free:,} bytes free on its disk; this run needs about {need:,} "
+                f"(checkpoint ~{ckpt:,}, weights ~{weights:,}): free some space or choose another --out"
+            )
+
+
+def _nonfinite(rt: base.Runtime) -> str | None:
+    """The first parameter or AdamW moment holding NaN or inf, or None when all are finite."""
+    for name, a in rt.parameters().items():
+        if not np.isfinite(a).all():
+            return f"parameter {name!r}"
+    moments = rt.moments()
+    if moments:
+        for which, d in zip(("first moment (m)", "second moment (v)"), moments):
+            for name, a in d.items():
+                if not np.isfinite(a).all():
+                    return f"AdamW {which} of {name!r}"
+    return None
 
 
 def sample_text(rt: base.Runtime, prompt: str, n_bytes: int, temperature: float = 0.8, seed: int = 0) -> str:
@@ -128,14 +194,8 @@ def train(opts: TrainOptions, echo=print) -> dict:
     """Run (or resume) a training run; returns a summary dict."""
     _check_options(opts)
     out = Path(opts.out)
-    _prepare_out(out)
-
-    if opts.resume:
-        rt = base.resume(opts.resume, runtime=opts.runtime, device=opts.device, threads=opts.threads,
-                         artifacts=opts.artifacts)
-    else:
-        rt = base.load(opts.artifacts, opts.runtime, opts.device, opts.threads)
-    cfg = rt.art.config
+    art = load_artifacts(opts.artifacts, verify=False)  # the manifest alone; the runtime verifies every file
+    cfg = art.config
     if cfg["vocab"] < 256:
         raise DataError(f"byte-level data needs vocab >= 256; these artifacts have vocab {cfg['vocab']}")
     seq = opts.seq or cfg["context"]
@@ -152,82 +212,117 @@ def train(opts: TrainOptions, echo=print) -> dict:
     val_batches = fixed_batches(val_ids, opts.batch, val_seq, opts.eval_batches, seed=12345)
     if cfg["labels"] == "dense":
         val_batches = [(t, p, dense_labels(l, cfg["vocab"])) for t, p, l in val_batches]
+
+    _prepare_out(out, art, opts)
+
+    if opts.resume:
+        rt = base.resume(opts.resume, runtime=opts.runtime, device=opts.device, threads=opts.threads,
+                         artifacts=opts.artifacts)
+    else:
+        rt = base.load(opts.artifacts, opts.runtime, opts.device, opts.threads)
     if opts.resume and "sampler" in rt.resumed_extra:
         sampler.load_state_dict(rt.resumed_extra["sampler"])
+    ckpt_path = out / CHECKPOINT_NAME
+    last_good = (str(opts.resume), rt.step_count) if opts.resume else None
+
+    def where_good() -> str:
+        if last_good is None:
+            return (f"no checkpoint was written yet (the first is due at step {opts.checkpoint_every}); "
+                    f"start again with a lower --lr")
+        return f"the last good checkpoint is {last_good[0]} (step {last_good[1]}); continue with --resume {last_good[0]} and a lower --lr"
 
     def val_loss() -> float:
-        return float(np.mean([rt.loss(*b) for b in val_batches]))
+        v = float(np.mean([rt.loss(*b) for b in val_batches]))
+        if not math.isfinite(v):
+            raise TrainingDiverged(f"validation loss became {v} at step {rt.step_count}; {where_good()}")
+        return v
 
     def checkpoint() -> None:
-        rt.save(out / "checkpoint.safetensors", extra={"sampler": sampler.state_dict(), "options": asdict(opts)})
+        nonlocal last_good
+        bad = _nonfinite(rt)
+        if bad:
+            raise TrainingDiverged(
+                f"{bad} became NaN or infinite by step {rt.step_count} (the loss was still finite: a gradient "
+                f"or update overflowed); no checkpoint written for it; {where_good()}"
+            )
+        rt.save(ckpt_path, extra={"sampler": sampler.state_dict(), "options": asdict(opts)})
+        last_good = (str(ckpt_path), rt.step_count)
 
     log_path = out / "log.jsonl"
     log: list[dict] = []
     if opts.resume and log_path.exists():
-        log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        log = [r for r in log if r["step"] <= rt.step_count]
+        try:
+            log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            log = []  # a damaged log is not worth failing the resume for; it restarts here
+        log = [r for r in log if isinstance(r, dict) and r.get("step", math.inf) <= rt.step_count]
+    # A resumed run keeps the log up to its checkpoint; rewritten atomically, then appended to.
+    write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in log).encode())
+    stop = min(opts.steps, opts.stop_after or opts.steps)
     echo(
         f"training {rt.art.folder} on {opts.runtime}/{opts.device}: {len(train_ids):,} train bytes, "
-        f"{len(val_ids):,} validation bytes, batch {opts.batch}x{seq}, steps {rt.step_count + 1}..{opts.steps}"
+        f"{len(val_ids):,} validation bytes, batch {opts.batch}x{seq}, steps {rt.step_count + 1}..{stop}"
+        + (f" (of {opts.steps})" if stop < opts.steps else "")
     )
     first_val = val_loss()
     echo(f"validation loss at step {rt.step_count}: {first_val:.4f}")
 
     from tqdm import tqdm
 
-    bar = tqdm(total=opts.steps, initial=rt.step_count, disable=not opts.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=stop, initial=min(rt.step_count, stop), disable=not opts.progress, unit="step", dynamic_ncols=True)
     t_start = time.perf_counter()
     tokens_done = 0
-    with open(log_path, "w") as logf:
-        for r in log:  # a resumed run keeps the log up to its checkpoint
-            logf.write(json.dumps(r) + "\n")
-        while rt.step_count < opts.steps:
-            t = rt.step_count + 1
-            batch = sampler.next()
-            if cfg["labels"] == "dense":
-                batch = (batch[0], batch[1], dense_labels(batch[2], cfg["vocab"]))
-            lr = lr_at(t, opts)
-            hp = make_hp(lr, cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"], step=t)
-            t0 = time.perf_counter()
-            loss = rt.step(*batch, hp)
-            dt = time.perf_counter() - t0
-            if not math.isfinite(loss):
-                bar.close()
-                raise TrainingDiverged(
-                    f"loss became {loss} at step {t}; the last good checkpoint is {out / 'checkpoint.safetensors'} "
-                    f"(continue with --resume and a lower --lr)"
-                )
-            tokens_done += batch[0].size
-            row = {"step": t, "loss": loss, "lr": lr, "tokens_per_s": batch[0].size / dt}
-            if t % opts.eval_every == 0 or t == opts.steps:
-                row["val_loss"] = val_loss()
-            log.append(row)
-            logf.write(json.dumps(row) + "\n")
-            logf.flush()
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
-            bar.update(1)
-            if t % opts.checkpoint_every == 0 or t == opts.steps:
-                checkpoint()
-    bar.close()
-    elapsed = time.perf_counter() - t_start
-    rt.export_weights(out / "weights.safetensors")
-    _plot(log, out / "loss.png")
-    final_val = log[-1].get("val_loss", val_loss()) if log else first_val
-    summary = {
-        "steps": rt.step_count,
-        "first_val_loss": first_val,
-        "final_val_loss": final_val,
-        "seconds": elapsed,
-        "tokens_per_s": tokens_done / elapsed if elapsed > 0 else None,
-        "out": str(out),
-    }
-    if opts.sample_bytes:
-        text = sample_text(rt, "def ", opts.sample_bytes, seed=opts.seed)
-        (out / "sample.txt").write_text(text)
-        summary["sample"] = text
-    with open(out / "summary.json", "w") as f:
-        json.dump({k: v for k, v in summary.items() if k != "sample"}, f, indent=1)
+    try:
+        with open(log_path, "a") as logf:
+            while rt.step_count < stop:
+                t = rt.step_count + 1
+                batch = sampler.next()
+                if cfg["labels"] == "dense":
+                    batch = (batch[0], batch[1], dense_labels(batch[2], cfg["vocab"]))
+                lr = lr_at(t, opts)
+                hp = make_hp(lr, cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"], step=t)
+                t0 = time.perf_counter()
+                try:
+                    loss = rt.step(*batch, hp)
+                except TrainingDiverged as e:  # ort / reference: the step was not applied
+                    raise TrainingDiverged(f"{e}; {where_good()}") from None
+                dt = time.perf_counter() - t0
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(f"loss became {loss} at step {t}; {where_good()}")
+                tokens_done += batch[0].size
+                row = {"step": t, "loss": loss, "lr": lr, "tokens_per_s": batch[0].size / dt if dt > 0 else None}
+                if t % opts.eval_every == 0 or t == opts.steps:
+                    row["val_loss"] = val_loss()
+                log.append(row)
+                logf.write(json.dumps(row) + "\n")
+                logf.flush()
+                bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
+                bar.update(1)
+                if t % opts.checkpoint_every == 0 or t == stop:
+                    checkpoint()
+        elapsed = time.perf_counter() - t_start
+        rt.export_weights(out / "weights.safetensors")
+        _plot(log, out / "loss.png")
+        final_val = (log[-1]["val_loss"] if "val_loss" in log[-1] else val_loss()) if log else first_val
+        summary = {
+            "steps": rt.step_count,
+            "first_val_loss": first_val,
+            "final_val_loss": final_val,
+            "seconds": elapsed,
+            "tokens_per_s": tokens_done / elapsed if elapsed > 0 else None,
+            "out": str(out),
+        }
+        if opts.sample_bytes:
+            text = sample_text(rt, "def ", opts.sample_bytes, seed=opts.seed)
+            (out / "sample.txt").write_text(text)
+            summary["sample"] = text
+        with open(out / "summary.json", "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "sample"}, f, indent=1)
+    except OSError as e:  # log, plot, sample or summary (checkpoints raise OutputError themselves)
+        where = f"; the last good checkpoint is {last_good[0]} (step {last_good[1]})" if last_good else ""
+        raise OutputError(f"could not write to {out}: {e.strerror or e}{where}") from None
+    finally:
+        bar.close()
     return summary
 
 

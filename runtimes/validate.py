@@ -4,10 +4,16 @@ A bad batch must never reach a session: ONNX Runtime's Gather clamps or crashes
 on an out-of-range index depending on the provider, and a NaN label silently
 poisons every moment. Each check names the input, the bad value and the range.
 
-Documented dtypes: tokens, positions and index labels are integer arrays (any
-integer dtype; converted to int64); dense labels are float32 (B, T, vocab) whose
-rows are probability distributions (non-negative, finite, summing to 1 within
-DENSE_SUM_TOL).
+Documented inputs (every other form is an InputError, and nothing runs):
+
+- tokens, positions: numpy arrays of any integer dtype (bool is not an integer),
+  shape (B, T) with B >= 1 and 1 <= T <= context; token ids in [0, vocab),
+  positions in [0, context). Ranges are checked on the values as given, before
+  the conversion to int64, so a uint64 id of 2**63 is reported as itself.
+- labels, index mode: integer array of the tokens' shape, ids in [0, vocab).
+- labels, dense mode: float32 array (B, T, vocab), every entry finite and >= 0,
+  every row summing to 1 within DENSE_SUM_TOL (absolute, on the float64 sum).
+- hp: see hp.py (float32[7], finite, ranges, bias corrections for the step).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ def _int_array(name: str, a) -> np.ndarray:
         raise InputError(f"{name} must have an integer dtype (int64), got {a.dtype}")
     if a.ndim != 2:
         raise InputError(f"{name} must have shape (batch, seq), got {a.shape}")
-    return a.astype(np.int64, copy=False)
+    return a
 
 
 def _range(name: str, a: np.ndarray, hi: int, what: str) -> None:
@@ -35,6 +41,11 @@ def _range(name: str, a: np.ndarray, hi: int, what: str) -> None:
         bad = lo_v if lo_v < 0 else hi_v
         where = tuple(int(i) for i in np.argwhere((a < 0) | (a >= hi))[0])
         raise InputError(f"{name}{list(where)} = {bad} is out of range: {what} must be in [0, {hi})")
+
+
+def _int64(a: np.ndarray) -> np.ndarray:
+    """int64, C-contiguous (called after the range check, so values fit)."""
+    return np.ascontiguousarray(a, dtype=np.int64)
 
 
 def check_tokens(tokens, positions, vocab: int, context: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,9 +58,9 @@ def check_tokens(tokens, positions, vocab: int, context: int) -> tuple[np.ndarra
         raise InputError(f"tokens has seq length {t} > context {context}: T must be in [1, {context}]")
     if positions.shape != tokens.shape:
         raise InputError(f"positions shape {positions.shape} differs from tokens shape {tokens.shape}")
-    _range("tokens", tokens, vocab, "token ids")
-    _range("positions", positions, context, "positions")
-    return np.ascontiguousarray(tokens), np.ascontiguousarray(positions)
+    _range("tokens", tokens, vocab, f"token ids (vocab {vocab})")
+    _range("positions", positions, context, f"positions (context {context})")
+    return _int64(tokens), _int64(positions)
 
 
 def check_labels(labels, shape: tuple[int, int], vocab: int, mode: str) -> np.ndarray:
@@ -62,9 +73,8 @@ def check_labels(labels, shape: tuple[int, int], vocab: int, mode: str) -> np.nd
             )
         if labels.shape != shape:
             raise InputError(f"labels shape {labels.shape} differs from tokens shape {shape}")
-        labels = labels.astype(np.int64, copy=False)
-        _range("labels", labels, vocab, "label ids")
-        return np.ascontiguousarray(labels)
+        _range("labels", labels, vocab, f"label ids (vocab {vocab})")
+        return _int64(labels)
     if labels.dtype != np.float32:
         raise InputError(
             f"labels must be float32 (B, T, {vocab}) distributions for these dense-mode artifacts, got {labels.dtype}{list(labels.shape)}"
