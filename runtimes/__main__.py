@@ -14,7 +14,7 @@ import sys
 from .base import DEVICES, REGISTRY
 from .errors import GPT2OnnxError
 from .ort_env import import_onnxruntime
-from .train import TrainOptions, train
+from .train import DEFAULT_SEQ, TrainOptions, train
 
 _D = TrainOptions()
 
@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=_D.device, choices=DEVICES)
     t.add_argument("--steps", type=int, default=_D.steps, help=f"total steps (default {_D.steps})")
     t.add_argument("--batch", type=int, default=_D.batch, help=f"sequences per step (default {_D.batch})")
-    t.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the context)")
+    t.add_argument("--seq", type=int, default=None,
+                   help=f"tokens per sequence, at most the context (default {DEFAULT_SEQ}, or the context if smaller)")
     t.add_argument("--lr", type=float, default=_D.lr, help=f"peak learning rate (default {_D.lr})")
     t.add_argument("--min-lr", type=float, default=_D.min_lr, help=f"final learning rate of the cosine (default {_D.min_lr})")
     t.add_argument("--warmup", type=int, default=_D.warmup, help=f"linear warmup steps (default {_D.warmup})")

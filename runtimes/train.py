@@ -48,21 +48,27 @@ from .errors import DataError, GPT2OnnxError, InputError, OutputError, TrainingD
 from .hp import make_hp
 
 
+DEFAULT_SEQ = 64
+
+
 @dataclass
 class TrainOptions:
     artifacts: str = "artifacts/small"
     runtime: str = "ort-training"
     device: str = "cpu"
-    steps: int = 2000
-    batch: int = 8
-    seq: int | None = None  # default: the artifacts' context
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup: int = 100
+    # Defaults are `make train`'s: on the default corpus, small reaches a validation
+    # loss under 2.0 (from ln 256 = 5.55) in about 800 of these 1200 steps (16x64
+    # tokens each). Short sequences buy more updates per second than context does.
+    steps: int = 1200
+    batch: int = 16
+    seq: int | None = None  # None: DEFAULT_SEQ, or the context if that is smaller
+    lr: float = 4e-3
+    min_lr: float = 4e-4
+    warmup: int = 50
     seed: int = 1
     data: str | None = None
     out: str = "runs/default"
-    eval_every: int = 250
+    eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 500
     threads: int | None = None
@@ -198,7 +204,7 @@ def train(opts: TrainOptions, echo=print) -> dict:
     cfg = art.config
     if cfg["vocab"] < 256:
         raise DataError(f"byte-level data needs vocab >= 256; these artifacts have vocab {cfg['vocab']}")
-    seq = opts.seq or cfg["context"]
+    seq = min(DEFAULT_SEQ, cfg["context"]) if opts.seq is None else opts.seq
     if not 1 <= seq <= cfg["context"]:
         raise InputError(f"--seq must be in [1, {cfg['context']}] (the context), got {seq}")
 
