@@ -8,7 +8,7 @@ ORTSTAMP:= $(ORTVENV)/.installed
 CONFIGS ?= tiny small
 STEPS   ?=
 
-.PHONY: all venv artifacts train test parity web soak clean
+.PHONY: all venv artifacts train test parity web soak bench clean
 
 all: artifacts
 
@@ -53,6 +53,11 @@ test: $(STAMP) $(ORTSTAMP) $(WEBSTAMP)
 # 10,000 steps on tiny with checkpoints every 500: RSS and file descriptors must stay flat.
 soak: $(STAMP)
 	$(VPY) -m pytest -m soak -s tests/test_soak.py
+
+# Step time, tokens/s, peak RSS and GFLOP/s of each runtime against PyTorch eager, interleaved in one run.
+# QUICK=1: small only. DEVICE=cuda, THREADS=N, BENCH_CONFIGS=small,mid,gpt2.
+bench: $(STAMP)
+	$(VPY) -m bench.run $(if $(QUICK),--quick) $(if $(DEVICE),--device $(DEVICE)) $(if $(THREADS),--threads $(THREADS)) $(if $(BENCH_CONFIGS),--configs $(BENCH_CONFIGS))
 
 parity: $(STAMP) $(ORTSTAMP)
 	$(VPY) -m pytest -q -s tests/test_parity.py

@@ -123,6 +123,8 @@ class Ctx:
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.node: onnx.NodeProto | None = None  # the forward node being differentiated
         self.active: set[str] = set()
+        # value name -> the node producing it (forward nodes and every node emitted here)
+        self.producer: dict[str, onnx.NodeProto] = {o: n for n in self.graph.node for o in n.output if o}
 
     # ---- names ---------------------------------------------------------------
     def fresh(self, hint: str = "t") -> str:
@@ -182,8 +184,21 @@ class Ctx:
     def emit(self, op: str, inputs: list[str], n_out: int = 1, hint: str | None = None, **attrs):
         hint = hint or op.lower()
         outs = [self.fresh(hint) for _ in range(n_out)]
-        self.graph.node.append(helper.make_node(op, list(inputs), outs, name=self.fresh("n_" + op), **attrs))
+        node = helper.make_node(op, list(inputs), outs, name=self.fresh("n_" + op), **attrs)
+        self.graph.node.append(node)
+        for o in outs:
+            self.producer[o] = node
         return outs[0] if n_out == 1 else outs
+
+    def transpose_perm(self, name: str) -> list[int] | None:
+        """The perm of the Transpose node producing ``name`` (None if another op produces it)."""
+        n = self.producer.get(name)
+        if n is None or n.op_type != "Transpose" or n.domain not in ("", "ai.onnx"):
+            return None
+        for a in n.attribute:
+            if a.name == "perm":
+                return list(a.ints)
+        return list(range(self.rank(n.input[0])))[::-1]
 
     def const(self, value, dtype=None) -> str:
         arr = np.asarray(value, dtype=dtype)
@@ -362,7 +377,25 @@ def add_vjp(model: onnx.ModelProto, outputs: list[str], cotangents: list[str], w
             ctx.node = None
             g = ctx.zeros_like(name)
         result[name] = g
+    _prune_backward(graph, len(fwd_nodes), set(result.values()))
     return result
+
+
+def _prune_backward(graph: onnx.GraphProto, n_forward: int, keep: set[str]) -> None:
+    """Drop backward nodes (those after the first ``n_forward``) whose outputs nothing uses
+    (a rule may emit a value that a later rule's peephole bypasses)."""
+    needed = set(keep) | {o.name for o in graph.output}
+    back = list(graph.node[n_forward:])
+    kept = []
+    for n in reversed(back):
+        if any(o in needed for o in n.output if o):
+            kept.append(n)
+            needed.update(i for i in n.input if i)
+    if len(kept) == len(back):
+        return
+    kept.reverse()
+    del graph.node[n_forward:]
+    graph.node.extend(kept)
 
 
 def add_gradients(model: onnx.ModelProto, loss: str, wrt: list[str], prefix: str = "bw/",

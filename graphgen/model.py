@@ -74,13 +74,19 @@ class _Forward:
         return y if b is None else self.op.Add(y, b)
 
     def causal_mask(self) -> ir.Value:
-        """(T, T) bool, True where query i may see key j (j <= i)."""
+        """(T, T) float additive mask: 0 where query i may see key j (j <= i), -inf elsewhere.
+
+        Added to the scores (x + 0 = x and x + -inf = -inf exactly, so the softmax is the
+        masked one). An Add is cheaper than a Where on the (B, H, T, T) scores, and its
+        backward passes the cotangent straight through (the mask depends on no parameter),
+        where a Where's backward would be another (B, H, T, T) select."""
         seq = self.op.Shape(self.tokens, start=1, end=2)  # (1,)
         t = self.op.Squeeze(seq, self.const([0], np.int64))
         r = self.op.Range(self.const(0, np.int64), t, self.const(1, np.int64))  # (T,)
         rows = self.op.Unsqueeze(r, self.const([1], np.int64))  # (T, 1)
         cols = self.op.Unsqueeze(r, self.const([0], np.int64))  # (1, T)
-        mask = self.op.GreaterOrEqual(rows, cols)
+        visible = self.op.GreaterOrEqual(rows, cols)
+        mask = self.op.Where(visible, self.const(0.0), self.const(-np.inf))
         # Stated so shape inference ties the score dims to `seq`; without it the
         # autodiff cannot prove which dims broadcast and reduces at run time.
         mask.shape = ir.Shape(["seq", "seq"])
@@ -103,7 +109,7 @@ class _Forward:
         k_t = heads("k", True, [0, 2, 3, 1])  # (B, H, dh, T)
         v = heads("v", False, [0, 2, 1, 3])  # (B, H, T, dh); bias after attention
         scores = op.Mul(op.MatMul(q, k_t), self.const(1.0 / math.sqrt(dh)))  # (B, H, T, T)
-        scores = op.Where(mask, scores, self.const(-np.inf))
+        scores = op.Add(scores, mask)  # causal: -inf above the diagonal
         probs = op.Softmax(scores, axis=-1)
         b_v = op.Reshape(self.p[pre + "b_v"], self.const([h, 1, dh], np.int64))
         out = op.Add(op.MatMul(probs, v), b_v)  # (B, H, T, dh)

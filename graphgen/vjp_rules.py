@@ -236,7 +236,14 @@ def vjp_matmul(ctx, node, gouts):
                                       if not isinstance(ctx.dims(a)[-1], int) else ctx.ints([-1, ctx.dims(a)[-1]])])
             g2 = ctx.emit("Reshape", [g, ctx.emit("Concat", [neg1, _last_dim(ctx, y)], axis=0)
                                       if not isinstance(ydims[-1], int) else ctx.ints([-1, ydims[-1]])])
-            gb = ctx.emit("MatMul", [ctx.emit("Transpose", [a2], hint="T", perm=[1, 0]), g2])
+            if ctx.transpose_perm(b) == [1, 0]:
+                # B = W^T (a linear layer, W stored (out, in)): W's gradient is g2^T @ a2, already in
+                # W's layout. Emitted as transpose(g2^T @ a2) so that the Transpose rule below cancels
+                # the outer Transpose: no full-size transpose of the weight gradient at run time.
+                gw = ctx.emit("MatMul", [ctx.emit("Transpose", [g2], hint="T", perm=[1, 0]), a2])
+                gb = ctx.emit("Transpose", [gw], hint="T", perm=[1, 0])
+            else:
+                gb = ctx.emit("MatMul", [ctx.emit("Transpose", [a2], hint="T", perm=[1, 0]), g2])
         else:
             full = ctx.emit("MatMul", [_swap_last2(ctx, a), g])
             gb = ctx.reduce_to(full, b, ydims[:-2] + ctx.dims(b)[-2:])
@@ -251,7 +258,10 @@ def vjp_transpose(ctx, node, gouts):
     inv = [0] * r
     for i, p in enumerate(perm):
         inv[p] = i
-    return [ctx.emit("Transpose", [gouts[0]], hint="T", perm=inv)]
+    g = gouts[0]
+    if ctx.transpose_perm(g) == list(perm):  # g = transpose(h, perm): transpose(g, inv) is h itself
+        return [ctx.producer[g].input[0]]
+    return [ctx.emit("Transpose", [g], hint="T", perm=inv)]
 
 
 # --------------------------------------------------------------------------- shape ops

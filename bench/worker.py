@@ -1,0 +1,193 @@
+"""One benchmark participant in its own process, driven over stdin/stdout (JSON lines).
+
+    python -m bench.worker --kind ort|ort-training|torch|torch-sdpa|sgemm \
+        --artifacts DIR --batch B --seq T --threads N [--device cpu|cuda]
+
+The worker loads its model, answers ``{"ready": ...}``, then runs one timed
+unit per ``step`` line (one full training step, or one 2048^3 float32 NumPy
+matmul for ``sgemm``) and answers ``{"ms": ..., "loss": ...}``; ``quit``
+answers with the process's peak RSS (getrusage ru_maxrss) and exits. One
+process per participant keeps each one's peak RSS its own (imports, model,
+optimizer state, arena); the driver alternates steps across the processes so
+machine drift hits all of them alike. Native libraries print to stdout, so the
+protocol uses a duplicate of the original stdout and fd 1 is sent to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+KINDS = ("ort", "ort-training", "torch", "torch-sdpa", "sgemm", "check")
+N_BATCHES = 4
+LR = 1e-4
+SGEMM_N = 2048
+
+
+def batches(vocab: int, batch: int, seq: int, seed: int = 1234):
+    """N_BATCHES fixed (tokens, positions, labels) int64 batches; labels are the next tokens."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(N_BATCHES):
+        ids = rng.integers(0, vocab, size=(batch, seq + 1), dtype=np.int64)
+        pos = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        out.append((np.ascontiguousarray(ids[:, :-1]), pos, np.ascontiguousarray(ids[:, 1:])))
+    return out
+
+
+def rss_mb() -> float:
+    """Current resident set size (MiB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class _Ort:
+    def __init__(self, a):
+        # onnxruntime-training's `import onnxruntime` imports torch whenever torch is installed
+        # (to probe for ORTModule), which costs ~250 MiB of RSS and seconds of start-up. The
+        # runtimes never use torch, and an environment that runs them needs none: measure
+        # them as they run there. (No effect with plain onnxruntime, which never imports it.)
+        sys.modules.setdefault("torch", None)
+        import runtimes
+
+        self.rt = runtimes.load(a.artifacts, runtime=a.kind, device=a.device, threads=a.threads, verify=False)
+        cfg = self.rt.art.config
+        self.hp_args = dict(beta1=cfg["beta1"], beta2=cfg["beta2"], eps=cfg["eps"], weight_decay=cfg["weight_decay"])
+        self.data = batches(cfg["vocab"], a.batch, a.seq)
+        self.make_hp = runtimes.make_hp
+
+    def step(self, i: int) -> float:
+        tok, pos, lab = self.data[i % N_BATCHES]
+        hp = self.make_hp(LR, step=self.rt.step_count + 1, **self.hp_args)
+        return self.rt.step(tok, pos, lab, hp)
+
+
+class _Torch:
+    def __init__(self, a):
+        import torch
+        from safetensors.numpy import load_file
+
+        from bench.torch_model import BatchedGPT2
+
+        torch.set_num_threads(a.threads)
+        with open(os.path.join(a.artifacts, "manifest.json")) as f:
+            manifest = json.load(f)
+        cfg = manifest["config"]
+        weights = load_file(os.path.join(a.artifacts, "weights.safetensors"))
+        weights = {p["name"]: weights[p["name"]] for p in manifest["parameters"]}
+        self.model = BatchedGPT2(cfg, weights, attention="sdpa" if a.kind == "torch-sdpa" else "matmul",
+                                 device=a.device)
+        del weights
+        self.opt = dict(betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], weight_decay=cfg["weight_decay"])
+        dev = self.model.device
+        self.data = [tuple(torch.from_numpy(x).to(dev) for x in b) for b in batches(cfg["vocab"], a.batch, a.seq)]
+        self.sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+
+    def step(self, i: int) -> float:
+        loss = self.model.step(*self.data[i % N_BATCHES], lr=LR, **self.opt)
+        self.sync()
+        return loss
+
+
+class _Sgemm:
+    def __init__(self, a):
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        self.a = rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32)
+        self.b = rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32)
+        self.c = np.empty_like(self.a)
+        np.matmul(self.a, self.b, out=self.c)  # warm the BLAS thread pool
+
+    def step(self, i: int) -> float:
+        import numpy as np
+
+        np.matmul(self.a, self.b, out=self.c)
+        return float("nan")
+
+
+class _Check:
+    """Not timed: the batched baseline's loss at init against the test oracle's (per-head loop)."""
+
+    def __init__(self, a):
+        import torch
+        from safetensors.numpy import load_file
+
+        from bench.torch_model import BatchedGPT2
+        from tests.oracle.torch_gpt2 import TorchGPT2
+
+        torch.set_num_threads(a.threads)
+        with open(os.path.join(a.artifacts, "manifest.json")) as f:
+            manifest = json.load(f)
+        cfg = manifest["config"]
+        weights = load_file(os.path.join(a.artifacts, "weights.safetensors"))
+        weights = {p["name"]: weights[p["name"]] for p in manifest["parameters"]}
+        tok, pos, lab = batches(cfg["vocab"], a.batch, a.seq)[0]
+        self.result = {"oracle": TorchGPT2(cfg, weights, threads=a.threads, deterministic=False).loss(tok, pos, lab)}
+        t = [torch.from_numpy(x) for x in (tok, pos, lab)]
+        with torch.no_grad():
+            for att in ("matmul", "sdpa"):
+                self.result["torch" if att == "matmul" else "torch-sdpa"] = float(
+                    BatchedGPT2(cfg, weights, attention=att).loss(*t))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.worker")
+    p.add_argument("--kind", choices=KINDS, required=True)
+    p.add_argument("--artifacts")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    a = p.parse_args(argv)
+
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def send(obj):
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
+    t0 = time.perf_counter()
+    try:
+        runner = {"ort": _Ort, "ort-training": _Ort, "torch": _Torch, "torch-sdpa": _Torch, "sgemm": _Sgemm,
+                  "check": _Check}[a.kind](a)
+    except Exception as e:  # reported to the driver, which prints it and carries on without this participant
+        send({"ready": False, "error": f"{type(e).__name__}: {e}"})
+        return 1
+    ready = {"ready": True, "load_s": time.perf_counter() - t0, "rss_mb": rss_mb()}
+    if a.kind == "check":
+        ready["losses"] = runner.result
+    send(ready)
+    i = 0
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "step":
+            t = time.perf_counter()
+            try:
+                loss = runner.step(i)
+            except Exception as e:
+                send({"error": f"{type(e).__name__}: {e}"})
+                return 1
+            ms = (time.perf_counter() - t) * 1e3
+            i += 1
+            send({"ms": ms, "loss": loss})
+        elif cmd == "quit":
+            send({"peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb()})
+            return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
