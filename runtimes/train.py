@@ -175,7 +175,8 @@ def sample_text(rt: base.Runtime, prompt: str, n_bytes: int, temperature: float 
     return decode(np.array(ids, dtype=np.uint8))
 
 
-def _plot(log: list[dict], path: Path) -> None:
+def _plot(log: list[dict], path: Path, start: tuple[int, float] | None = None) -> None:
+    """Train and validation loss per step; ``start`` is (step, val loss) before the first update."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,9 +184,9 @@ def _plot(log: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot([r["step"] for r in log], [r["loss"] for r in log], lw=0.8, label="train loss")
-    val = [r for r in log if "val_loss" in r]
+    val = ([start] if start else []) + [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
     if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation loss")
     ax.axhline(math.log(256), color="grey", ls=":", lw=0.8, label="ln(256)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/byte)")
@@ -270,7 +271,7 @@ def train(opts: TrainOptions, echo=print) -> dict:
         f"{len(val_ids):,} validation bytes, batch {opts.batch}x{seq}, steps {rt.step_count + 1}..{stop}"
         + (f" (of {opts.steps})" if stop < opts.steps else "")
     )
-    first_val = val_loss()
+    start_step, first_val = rt.step_count, val_loss()
     echo(f"validation loss at step {rt.step_count}: {first_val:.4f}")
 
     from tqdm import tqdm
@@ -278,6 +279,7 @@ def train(opts: TrainOptions, echo=print) -> dict:
     bar = tqdm(total=stop, initial=min(rt.step_count, stop), disable=not opts.progress, unit="step", dynamic_ncols=True)
     t_start = time.perf_counter()
     tokens_done = 0
+    last_val = None
     try:
         with open(log_path, "a") as logf:
             while rt.step_count < stop:
@@ -302,13 +304,15 @@ def train(opts: TrainOptions, echo=print) -> dict:
                 log.append(row)
                 logf.write(json.dumps(row) + "\n")
                 logf.flush()
-                bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
+                last_val = row.get("val_loss", last_val)
+                shown = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_done / (time.perf_counter() - t_start):.0f}"}
+                bar.set_postfix(shown, **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
                 bar.update(1)
                 if t % opts.checkpoint_every == 0 or t == stop:
                     checkpoint()
         elapsed = time.perf_counter() - t_start
         rt.export_weights(out / "weights.safetensors")
-        _plot(log, out / "loss.png")
+        _plot(log, out / "loss.png", start=(start_step, first_val))
         final_val = (log[-1]["val_loss"] if "val_loss" in log[-1] else val_loss()) if log else first_val
         summary = {
             "steps": rt.step_count,
