@@ -26,11 +26,13 @@ $(ORTSTAMP): pyproject.toml
 
 venv: $(STAMP)
 
-artifacts: $(STAMP)
-	@for c in $(CONFIGS); do $(VPY) -m graphgen build --config $$c --out artifacts/$$c || exit 1; done
+artifacts: $(foreach c,$(CONFIGS),artifacts/$(c)/manifest.json)
 
-train: $(STAMP)
-	@test -f artifacts/small/manifest.json || $(VPY) -m graphgen build --config small --out artifacts/small
+# An artifact folder is rebuilt when the builder's code changes.
+artifacts/%/manifest.json: $(STAMP) $(wildcard graphgen/*.py)
+	$(VPY) -m graphgen build --config $* --out artifacts/$*
+
+train: artifacts/small/manifest.json
 	$(VPY) -m runtimes train --artifacts artifacts/small --out runs/small $(if $(STEPS),--steps $(STEPS))
 
 WEBPORT  ?= 8000
@@ -41,8 +43,7 @@ $(WEBSTAMP): hosts/web/package-lock.json
 	touch $@
 
 # The browser page: serves hosts/web and artifacts/ at http://127.0.0.1:$(WEBPORT)/
-web: $(STAMP) $(WEBSTAMP)
-	@test -f artifacts/tiny/manifest.json || $(VPY) -m graphgen build --config tiny --out artifacts/tiny
+web: artifacts/tiny/manifest.json $(WEBSTAMP)
 	node hosts/web/serve.mjs --artifacts artifacts --port $(WEBPORT)
 
 # Debian's chromium for the headless browser test (installed only if missing).
