@@ -44,8 +44,9 @@ def make_hp(lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e
     """The float32[7] hp vector for 1-based optimizer step ``step``."""
     if step < 1:
         raise ValueError(f"step must be >= 1 (1-based; bias correction at step 0 divides by zero), got {step}")
-    b1h = 1.0 / (1.0 - beta1 ** step)
-    b2h = 1.0 / (1.0 - beta2 ** step)
+    b1, b2 = float(np.float32(beta1)), float(np.float32(beta2))  # as runtimes.make_hp: the carried betas
+    b1h = 1.0 / (1.0 - b1 ** step)
+    b2h = 1.0 / (1.0 - b2 ** step)
     return np.array([lr, beta1, beta2, eps, weight_decay, b1h, b2h], dtype=np.float32)
 
 

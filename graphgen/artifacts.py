@@ -136,7 +136,7 @@ def _manifest(cfg: GPT2Config, folder: Path) -> dict:
             "dtype": "float32",
             "length": len(HP_LAYOUT),
             "layout": HP_LAYOUT,
-            "notes": "beta1h = 1/(1-beta1^t), beta2h = 1/(1-beta2^t), t = 1 for the first step",
+            "notes": "beta1h = 1/(1-beta1^t), beta2h = 1/(1-beta2^t) with the float32 betas of hp, in float64, rounded to float32; t = 1 for the first step",
         },
         "training_set": list(TRAINING_FILES),
         "train_step": {

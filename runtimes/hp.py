@@ -56,8 +56,13 @@ def make_hp(lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e
     _check_values(values, lambda i, name: name)
     lr, beta1, beta2, eps, weight_decay = values
     step = int(step)
-    b1h = 1.0 / (1.0 - beta1**step) if beta1 > 0 else 1.0
-    b2h = 1.0 / (1.0 - beta2**step) if beta2 > 0 else 1.0
+    # The corrections use the betas the vector carries (float32), so that they agree
+    # with the graph's own 1 - beta: at t = 1, (1 - b1) * beta1h is then 1 to within
+    # float32 rounding. From the decimal betas, 1/(1 - 0.999) against 1 - float32(0.999)
+    # biases every first update by 6.7e-6 relative, and the trajectory drifts.
+    b1, b2 = float(np.float32(beta1)), float(np.float32(beta2))
+    b1h = 1.0 / (1.0 - b1**step) if b1 > 0 else 1.0
+    b2h = 1.0 / (1.0 - b2**step) if b2 > 0 else 1.0
     with np.errstate(over="ignore"):
         hp = np.array([lr, beta1, beta2, eps, weight_decay, b1h, b2h], dtype=np.float32)
     for i, name in enumerate(HP_LAYOUT):  # float32 rounding: 0.99999999 -> 1.0, 1e39 -> inf

@@ -7,6 +7,12 @@ import numpy as np
 from runtimes.data import dense_labels, default_corpus, encode, fixed_batches
 
 
+def F32(x: float) -> float:
+    """The value a float32 hp vector carries. The oracle's AdamW gets exactly what the
+    runtimes get: 1 - float32(0.999) differs from 1 - 0.999 by 1.3e-5 relative."""
+    return float(np.float32(x))
+
+
 def batches(cfg: dict, n: int, batch: int = 2, seq: int | None = None, seed: int = 0):
     """n (tokens, positions, labels) batches of real text (so a few AdamW steps
     visibly lower the loss), in the artifacts' label mode."""
@@ -63,16 +69,8 @@ def is_null_gradient(name: str) -> bool:
 
 
 def compare_state(title: str, ours: dict, ref: dict, tol: float, lr: float, steps: int) -> None:
-    """Parameters after training: relative per-tensor errors, b_k held to its drift bound.
-
-    The denominator is max(max |ref|, lr x steps). A tensor that starts at zero
-    (every bias) is made only of AdamW updates, each at most ~lr per element, and
-    AdamW divides each element's moment by its own root-mean-square: an element
-    whose gradient is tiny (near-cancelling sums) moves by a full ~lr step on
-    float32 rounding alone, differently in every implementation. lr x steps is
-    the scale of what training can have changed, so errors are relative to it.
-    """
-    report(title, {n: rel_err(ours[n], ref[n], lr * steps) for n in ref if not is_null_gradient(n)}, tol)
+    """Parameters after training: max|a - ref| / max|ref| per tensor; b_k within 2 x lr x steps."""
+    report(title, {n: rel_err(ours[n], ref[n]) for n in ref if not is_null_gradient(n)}, tol)
     bound = 2 * lr * steps
     drift = max(float(np.abs(ours[n].astype(np.float64) - ref[n]).max()) for n in ref if is_null_gradient(n))
     print(f"  b_k (zero gradient) drift {drift:.3g} <= bound {bound:.3g}")

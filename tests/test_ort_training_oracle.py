@@ -11,7 +11,7 @@ import pytest
 
 import runtimes
 from tests.oracle.torch_gpt2 import TorchGPT2
-from tests.parity_util import batches, compare_state, grad_errors, report
+from tests.parity_util import F32, batches, compare_state, grad_errors, report
 
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.01
 
@@ -43,7 +43,7 @@ def test_ten_step_adamw_trajectory(setups, mode):
     cfg = rt.art.config
     data = batches(cfg, 10, batch=2, seed=1)
     oracle = TorchGPT2(cfg, rt.art.initial_weights())
-    ref = oracle.train(data, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    ref = oracle.train(data, lr=F32(LR), betas=(F32(BETAS[0]), F32(BETAS[1])), eps=F32(EPS), weight_decay=F32(WD))
     ours = [rt.step(*b, runtimes.make_hp(LR, *BETAS, EPS, WD, step=t + 1)) for t, b in enumerate(data)]
     diffs = np.abs(np.array(ours) - np.array(ref))
     print(f"\nort-training 10-step losses vs torch ({mode}): max abs diff {diffs.max():.3g}")

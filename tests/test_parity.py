@@ -27,7 +27,7 @@ import pytest
 
 import runtimes
 from tests.oracle.torch_gpt2 import TorchGPT2
-from tests.parity_util import batches, compare_state, floored_errors, grad_errors, report
+from tests.parity_util import F32, batches, compare_state, floored_errors, grad_errors, report
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIMES = ["ort-training", "ort", "reference"]
@@ -57,7 +57,7 @@ def run_oracle(folder: Path) -> dict:
         "logits": o.logits(*init_batch[:2]), "loss": loss0, "grads": grads,
         "short_logits": o.logits(*short_batch[:2]), "short_loss": o.loss(*short_batch),
     }
-    res["losses"] = o.train(train_batches, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    res["losses"] = o.train(train_batches, lr=F32(LR), betas=(F32(BETAS[0]), F32(BETAS[1])), eps=F32(EPS), weight_decay=F32(WD))
     res["params"] = o.parameters()
     res["m"], res["v"] = o.moments()
     return res

@@ -253,7 +253,9 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tiny_index, tmp_path, 
         time.sleep(rnd.uniform(0.0, 0.4))
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
-        lines = first + [ln.split() for ln in p.stdout.read().splitlines() if ln.strip()]
+        # a kill can cut the last progress line short ("beg"): keep whole "<word> <step>" lines
+        lines = first + [x for x in (ln.split() for ln in p.stdout.read().splitlines())
+                         if len(x) == 2 and x[1].isdigit()]
         p.stdout.close()
         ends = [int(x[1]) for x in lines if x[0] == "end"]
         begins = [int(x[1]) for x in lines if x[0] == "begin"]

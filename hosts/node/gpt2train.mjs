@@ -267,8 +267,10 @@ export function loadWeights(art, file = art.file('weights.safetensors')) {
  */
 export function makeHp(lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.01, t = 1) {
   if (!Number.isInteger(t) || t < 1) throw new InputError(`step t must be an integer >= 1 (t counts from 1), got ${t}`);
-  const b1h = beta1 > 0 ? 1.0 / (1.0 - beta1 ** t) : 1.0;
-  const b2h = beta2 > 0 ? 1.0 / (1.0 - beta2 ** t) : 1.0;
+  // corrections from the float32 betas the vector carries, as runtimes.make_hp
+  const b1 = Math.fround(beta1), b2 = Math.fround(beta2);
+  const b1h = b1 > 0 ? 1.0 / (1.0 - b1 ** t) : 1.0;
+  const b2h = b2 > 0 ? 1.0 / (1.0 - b2 ** t) : 1.0;
   return Float32Array.from([lr, beta1, beta2, eps, wd, b1h, b2h]);
 }
 

@@ -118,12 +118,14 @@ export function trainStepInputs(params) {
 
 /**
  * float32[7] for update number t (t >= 1): [lr, beta1, beta2, eps, wd, 1/(1-beta1^t), 1/(1-beta2^t)],
- * computed in float64 and rounded to float32, as runtimes.make_hp does.
+ * computed in float64 from the float32 betas and rounded to float32, as runtimes.make_hp does.
  */
 export function makeHp({ lr, beta1, beta2, eps, weight_decay: wd }, t) {
   if (!Number.isInteger(t) || t < 1) throw new Error(`step t must be an integer >= 1, got ${t}`);
-  const b1h = beta1 > 0 ? 1 / (1 - beta1 ** t) : 1;
-  const b2h = beta2 > 0 ? 1 / (1 - beta2 ** t) : 1;
+  // corrections from the float32 betas the vector carries, as runtimes.make_hp
+  const b1 = Math.fround(beta1), b2 = Math.fround(beta2);
+  const b1h = b1 > 0 ? 1 / (1 - b1 ** t) : 1;
+  const b2h = b2 > 0 ? 1 / (1 - b2 ** t) : 1;
   return new Float32Array([lr, beta1, beta2, eps, wd, b1h, b2h]);
 }
 
