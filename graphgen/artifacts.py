@@ -9,7 +9,6 @@ place, so a failed build never leaves a half-written folder behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import onnx
 from safetensors.numpy import save_file
+
+from runtimes.artifacts import sha256_file  # the runners verify with the same function
 
 from .config import GPT2Config, param_specs
 from .init import init_weights
@@ -68,14 +69,6 @@ def _model_io(path: Path) -> dict:
         "inputs": [_value_info(i) for i in model.graph.input if i.name not in inits],
         "outputs": [_value_info(o) for o in model.graph.output],
     }
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:

@@ -24,7 +24,7 @@ SUPPORTED_VERSIONS = (1,)
 CONFIG_KEYS = ("vocab", "context", "d_model", "n_heads", "d_ff", "n_layers", "seed", "init", "labels")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -197,7 +197,7 @@ def load_artifacts(folder: str | Path, verify: bool = True, needs: tuple[str, ..
                 raise ArtifactError(
                     f"{path}: {path.stat().st_size} bytes, manifest.json says {info['bytes']} (truncated or replaced?)"
                 )
-            if _sha256(path) != info["sha256"]:
+            if sha256_file(path) != info["sha256"]:
                 raise ArtifactError(f"{path}: sha256 differs from manifest.json (corrupted or from another build)")
     wpath = folder / "weights.safetensors"
     if "weights.safetensors" in manifest["files"] and wpath.is_file():
