@@ -72,19 +72,25 @@ class _Ort:
         return self.rt.step(tok, pos, lab, hp)
 
 
+def _config_and_weights(folder: str) -> tuple[dict, dict]:
+    """The manifest's config and the initial weights in manifest order, read without
+    the runtimes package (the torch participants must not import onnxruntime)."""
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(folder, "manifest.json")) as f:
+        manifest = json.load(f)
+    weights = load_file(os.path.join(folder, "weights.safetensors"))
+    return manifest["config"], {p["name"]: weights[p["name"]] for p in manifest["parameters"]}
+
+
 class _Torch:
     def __init__(self, a):
         import torch
-        from safetensors.numpy import load_file
 
         from bench.torch_model import BatchedGPT2
 
         torch.set_num_threads(a.threads)
-        with open(os.path.join(a.artifacts, "manifest.json")) as f:
-            manifest = json.load(f)
-        cfg = manifest["config"]
-        weights = load_file(os.path.join(a.artifacts, "weights.safetensors"))
-        weights = {p["name"]: weights[p["name"]] for p in manifest["parameters"]}
+        cfg, weights = _config_and_weights(a.artifacts)
         self.model = BatchedGPT2(cfg, weights, attention="sdpa" if a.kind == "torch-sdpa" else "matmul",
                                  device=a.device)
         del weights
@@ -121,17 +127,12 @@ class _Check:
 
     def __init__(self, a):
         import torch
-        from safetensors.numpy import load_file
 
         from bench.torch_model import BatchedGPT2
         from tests.oracle.torch_gpt2 import TorchGPT2
 
         torch.set_num_threads(a.threads)
-        with open(os.path.join(a.artifacts, "manifest.json")) as f:
-            manifest = json.load(f)
-        cfg = manifest["config"]
-        weights = load_file(os.path.join(a.artifacts, "weights.safetensors"))
-        weights = {p["name"]: weights[p["name"]] for p in manifest["parameters"]}
+        cfg, weights = _config_and_weights(a.artifacts)
         tok, pos, lab = batches(cfg["vocab"], a.batch, a.seq)[0]
         self.result = {"oracle": TorchGPT2(cfg, weights, threads=a.threads, deterministic=False).loss(tok, pos, lab)}
         t = [torch.from_numpy(x) for x in (tok, pos, lab)]

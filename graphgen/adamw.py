@@ -2,7 +2,7 @@
 
 ``hp = [lr, beta1, beta2, eps, weight_decay, beta1h, beta2h]`` with
 ``beta1h = 1/(1-beta1^t)`` and ``beta2h = 1/(1-beta2^t)`` (t counted from 1), supplied
-by the caller at every step, so schedules need no rebuild. Per parameter::
+by the caller at every step (``runtimes.make_hp`` builds it), so schedules need no rebuild. Per parameter::
 
     m' = b1*m + (1-b1)*g
     v' = b2*v + (1-b2)*g*g
@@ -37,17 +37,6 @@ class AdamWSlot:
     new_param: str
     new_m: str
     new_v: str
-
-
-def make_hp(lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-            weight_decay: float = 0.01, step: int = 1) -> np.ndarray:
-    """The float32[7] hp vector for 1-based optimizer step ``step``."""
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (1-based; bias correction at step 0 divides by zero), got {step}")
-    b1, b2 = float(np.float32(beta1)), float(np.float32(beta2))  # as runtimes.make_hp: the carried betas
-    b1h = 1.0 / (1.0 - b1 ** step)
-    b2h = 1.0 / (1.0 - b2 ** step)
-    return np.array([lr, beta1, beta2, eps, weight_decay, b1h, b2h], dtype=np.float32)
 
 
 def adamw_reference(w, g, m, v, hp):

@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 
 from runtimes.artifacts import sha256_file  # the runners verify with the same function
 
+from .adamw import HP_FIELDS
 from .config import GPT2Config, param_specs
 from .init import init_weights
 from .model import IR_VERSION, OPSET, build_forward_logits, build_forward_loss
@@ -31,7 +32,6 @@ from .train_step import build_train_step
 
 MANIFEST_FORMAT = "gpt2-onnx-artifacts"
 MANIFEST_VERSION = 1
-HP_LAYOUT = ["lr", "beta1", "beta2", "eps", "weight_decay", "beta1h", "beta2h"]
 
 _DTYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -127,8 +127,8 @@ def _manifest(cfg: GPT2Config, folder: Path) -> dict:
         "parameters": [{"name": n, "shape": list(s), "dtype": "float32"} for n, s in param_specs(cfg)],
         "hp": {
             "dtype": "float32",
-            "length": len(HP_LAYOUT),
-            "layout": HP_LAYOUT,
+            "length": len(HP_FIELDS),
+            "layout": list(HP_FIELDS),
             "notes": "beta1h = 1/(1-beta1^t), beta2h = 1/(1-beta2^t) with the float32 betas of hp, in float64, rounded to float32; t = 1 for the first step",
         },
         "training_set": list(TRAINING_FILES),

@@ -75,7 +75,7 @@ class OrtRuntime(Runtime):
             if device == "cuda":
                 raise RuntimeUnavailable(f"runtime 'ort' could not start on cuda: {e}") from None
             raise
-        self._eval = None
+        self._sessions: dict[str, object] = {}  # eval_model.onnx / forward.onnx, made on first use
         self._ort_device = "cuda" if device == "cuda" else "cpu"
         self._names = art.param_names
         self._out_names = [o.name for o in self._sess.get_outputs()]
@@ -133,19 +133,28 @@ class OrtRuntime(Runtime):
         self._run(tokens, positions, labels, hp)
         return {n: self._spare["m." + n].numpy().copy() for n in self._names}
 
-    def _loss(self, tokens, positions, labels) -> float:
-        if self._eval is None:
-            self._eval = self._ort.InferenceSession(
-                str(self.art.path("eval_model.onnx")), session_options(self.threads), providers=self._providers
+    def _run_on_state(self, model: str, data: dict, output: str) -> np.ndarray:
+        """Run eval_model.onnx or forward.onnx on the parameters where they live (no host copy)."""
+        if model not in self._sessions:
+            self._sessions[model] = self._ort.InferenceSession(
+                str(self.art.path(model)), session_options(self.threads), providers=self._providers
             )
-        b = self._eval.io_binding()
+        sess = self._sessions[model]
+        b = sess.io_binding()
         for n in self._names:
             b.bind_ortvalue_input(n, self._state[n])
-        for name, arr in (("tokens", tokens), ("positions", positions), ("labels", labels)):
+        for name, arr in data.items():
             b.bind_cpu_input(name, arr)
-        b.bind_output("loss", "cpu")
-        self._eval.run_with_iobinding(b)
-        return float(b.copy_outputs_to_cpu()[0])
+        b.bind_output(output, "cpu")
+        sess.run_with_iobinding(b)
+        return b.copy_outputs_to_cpu()[0]
+
+    def _loss(self, tokens, positions, labels) -> float:
+        data = {"tokens": tokens, "positions": positions, "labels": labels}
+        return float(self._run_on_state("eval_model.onnx", data, "loss"))
+
+    def _logits(self, tokens, positions) -> np.ndarray:
+        return self._run_on_state("forward.onnx", {"tokens": tokens, "positions": positions}, "logits")
 
     def parameters(self) -> dict[str, np.ndarray]:
         return {n: self._state[n].numpy().copy() for n in self._names}

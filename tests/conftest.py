@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -37,3 +38,20 @@ def tiny_dense(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", params=["index", "dense"])
 def tiny_artifacts(request, tiny_index, tiny_dense) -> Path:
     return tiny_index if request.param == "index" else tiny_dense
+
+
+@pytest.fixture
+def enospc_after(monkeypatch):
+    """Simulated full disk: os.fsync raises ENOSPC once armed (works without root)."""
+    state = {"armed": False}
+    real = os.fsync
+
+    def fsync(fd):
+        if state["armed"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    from runtimes import checkpoint as ckpt_mod
+
+    monkeypatch.setattr(ckpt_mod.os, "fsync", fsync)
+    return state

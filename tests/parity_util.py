@@ -32,7 +32,7 @@ def rel_err(a: np.ndarray, ref: np.ndarray, floor: float = 0.0) -> float:
     ``floor`` guards tensors whose exact gradient is zero: the key bias b_k
     shifts every score of a query row by the same q.b_k, which softmax
     ignores, so d loss / d b_k = 0 and both sides return only rounding noise
-    (~1e-10). grad_errors passes 1e-3 x the largest gradient of the model.
+    (~1e-10). floored_errors passes 1e-3 x the largest |ref| of the set.
     """
     denom = max(float(np.abs(ref).max()), floor)
     return float(np.abs(a.astype(np.float64) - ref).max()) / (denom if denom > 0 else 1.0)
@@ -43,8 +43,6 @@ def floored_errors(ours: dict, ref: dict) -> dict[str, float]:
     floor = 1e-3 * max(float(np.abs(g).max()) for g in ref.values())
     return {n: rel_err(ours[n], ref[n], floor) for n in ref}
 
-
-grad_errors = floored_errors
 
 
 def report(title: str, errors: dict[str, float], tol: float) -> None:

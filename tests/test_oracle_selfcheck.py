@@ -44,8 +44,7 @@ def _batched_logits(cfg, w, tokens, positions):
     seed's after-attention placement because every row of p sums to 1.
     """
     t = {k: torch.tensor(v, dtype=torch.float64) for k, v in w.items()}
-    d, h = cfg["d_model"], cfg["n_heads"]
-    dh = d // h
+    d = cfg["d_model"]
     tok = torch.tensor(tokens)
     pos = torch.tensor(positions)
     b, n = tok.shape

@@ -10,7 +10,6 @@ OutputError and leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -23,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 import runtimes
 from runtimes import checkpoint as ckpt_mod
-from runtimes.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_atomic
+from runtimes.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from runtimes.errors import ArtifactError, CheckpointError, GPT2OnnxError, OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,21 +291,6 @@ def small_disk(tmp_path):
     yield folder if mounted else None
     if mounted:
         subprocess.run(["umount", str(folder)], check=True)
-
-
-@pytest.fixture
-def enospc_after(monkeypatch):
-    """Simulated full disk: os.fsync raises ENOSPC once armed (works without root)."""
-    state = {"armed": False}
-    real = os.fsync
-
-    def fsync(fd):
-        if state["armed"]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(fd)
-
-    monkeypatch.setattr(ckpt_mod.os, "fsync", fsync)
-    return state
 
 
 def _two_saves(rt, path: Path) -> None:

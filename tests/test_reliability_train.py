@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -29,9 +28,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import runtimes
 from runtimes import base
-from runtimes import checkpoint as ckpt_mod
 from runtimes import train as train_mod
 from runtimes.__main__ import main
 from runtimes.checkpoint import load_checkpoint
@@ -229,19 +226,11 @@ def test_disk_too_small_fails_before_training(tiny_index, data_file, tiny_disk, 
     assert not (out / "log.jsonl").exists()
 
 
-def test_disk_full_during_run_keeps_previous_checkpoint(tiny_index, data_file, tmp_path, straight, capsys, monkeypatch):
+def test_disk_full_during_run_keeps_previous_checkpoint(tiny_index, data_file, tmp_path, straight, capsys, monkeypatch,
+                                                        enospc_after):
     """The disk fills after step 7: the step-10 checkpoint cannot be written (ENOSPC at fsync, the last
     moment a write can fail); the run stops with one clear line, the step-5 checkpoint is intact,
     no temporary file is left, and --resume completes the run exactly."""
-    full = {"now": False}
-    real_fsync = os.fsync
-
-    def fsync(fd):
-        if full["now"]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(ckpt_mod.os, "fsync", fsync)
     real_load = base.load
 
     def load(*a, **kw):
@@ -250,7 +239,7 @@ def test_disk_full_during_run_keeps_previous_checkpoint(tiny_index, data_file, t
 
         def _step(*b):
             if rt.step_count + 1 == 8:
-                full["now"] = True
+                enospc_after["armed"] = True
             return real_step(*b)
 
         rt._step = _step

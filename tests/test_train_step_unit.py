@@ -15,7 +15,8 @@ from onnx import numpy_helper as nh
 from onnx.reference import ReferenceEvaluator
 
 from runtimes.reference import GatherElements  # onnx 1.23's reference op mishandles axis=-1
-from graphgen.adamw import HP_FIELDS, adamw_reference, make_hp
+from graphgen.adamw import HP_FIELDS, adamw_reference
+from runtimes.hp import make_hp
 from graphgen.autodiff import AutodiffError
 from graphgen.train_step import build_grad_model, build_train_step
 
