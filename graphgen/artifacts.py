@@ -26,7 +26,7 @@ from runtimes.artifacts import sha256_file  # the runners verify with the same f
 from .adamw import HP_FIELDS
 from .config import GPT2Config, param_specs
 from .init import init_weights
-from .model import IR_VERSION, OPSET, build_forward_logits, build_forward_loss
+from .model import IR_VERSION, OPSET, TRAINING_SET_OPSET, build_forward_logits, build_forward_loss
 from .ort_training_set import TRAINING_FILES, write_training_set
 from .train_step import build_train_step
 
@@ -89,14 +89,13 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print) -> dict:
         log(f"init: {sum(w.size for w in weights.values()):,} parameters ({time.perf_counter() - t0:.1f}s)")
         save_file(weights, str(tmp / "weights.safetensors"), metadata={"init": cfg.init, "seed": str(cfg.seed)})
 
-        forward_loss = build_forward_loss(cfg)
         _save(build_forward_logits(cfg), tmp / "forward.onnx")
         log(f"forward.onnx ({time.perf_counter() - t0:.1f}s)")
 
-        _save(build_train_step(forward_loss, list(weights)), tmp / "train_step.onnx")
+        _save(build_train_step(build_forward_loss(cfg), list(weights)), tmp / "train_step.onnx")
         log(f"train_step.onnx ({time.perf_counter() - t0:.1f}s)")
 
-        write_training_set(forward_loss, weights, cfg, tmp)
+        write_training_set(build_forward_loss(cfg, gelu="expanded"), weights, cfg, tmp)
         log(f"ONNX Runtime training set ({time.perf_counter() - t0:.1f}s)")
 
         manifest = _manifest(cfg, tmp)
@@ -122,7 +121,8 @@ def _manifest(cfg: GPT2Config, folder: Path) -> dict:
         "format_version": MANIFEST_VERSION,
         "name": cfg.name,
         "config": cfg.to_dict(),
-        "opset": OPSET,
+        "opset": OPSET,  # train_step.onnx, forward.onnx
+        "training_set_opset": TRAINING_SET_OPSET,
         "ir_version": IR_VERSION,
         "parameters": [{"name": n, "shape": list(s), "dtype": "float32"} for n, s in param_specs(cfg)],
         "hp": {

@@ -11,7 +11,7 @@ cotangents of broadcast inputs are summed back to the input's shape with
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from graphgen.autodiff import Ctx, UnsupportedOpError
 
@@ -178,6 +178,32 @@ def vjp_erf(ctx, node, gouts):
     x = node.input[0]
     e = ctx.emit("Exp", [ctx.emit("Neg", [ctx.emit("Mul", [x, x])])])
     return [ctx.emit("Mul", [gouts[0], ctx.emit("Mul", [e, ctx.scalar(2.0 / np.sqrt(np.pi), x)])])]
+
+
+@rule("Gelu")
+def vjp_gelu(ctx, node, gouts):
+    # Recomputes from X alone, so the forward keeps one tensor, not the formula's intermediates.
+    # tanh:  Y = 0.5 X (1 + tanh(u)),  u = c (X + a X^3),  c = sqrt(2/pi),  a = 0.044715
+    #        0.5 (1 + tanh(u)) = s = sigmoid(2u)  ->  gX = g * s * (1 + X (1 - s) (2c + 6ca X^2))
+    #        (the sigmoid form: no 1 + tanh cancellation for very negative X, 13 passes)
+    # none:  Y = X Phi(X)  ->  gX = g * (Phi(X) + X exp(-X^2/2) / sqrt(2 pi))
+    x, g = node.input[0], gouts[0]
+    x2 = ctx.emit("Mul", [x, x])
+    if ctx.attr("approximate", "none") in ("tanh", b"tanh"):
+        c, a = float(np.sqrt(2.0 / np.pi)), 0.044715
+        two_u = ctx.emit("Mul", [x, ctx.emit("Add", [ctx.emit("Mul", [x2, ctx.scalar(2 * c * a, x)]),
+                                                     ctx.scalar(2 * c, x)])])
+        s = ctx.emit("Sigmoid", [two_u])
+        k = ctx.emit("Add", [ctx.emit("Mul", [x2, ctx.scalar(6 * c * a, x)]), ctx.scalar(2 * c, x)])
+        z = ctx.emit("Mul", [ctx.emit("Mul", [x, ctx.emit("Sub", [ctx.scalar(1.0, x), s])]), k])
+        d = ctx.emit("Mul", [s, ctx.emit("Add", [z, ctx.scalar(1.0, x)])])
+    else:
+        phi = ctx.emit("Mul", [ctx.emit("Add", [ctx.emit("Erf", [ctx.emit("Mul", [x, ctx.scalar(np.sqrt(0.5), x)])]),
+                                                ctx.scalar(1.0, x)]), ctx.scalar(0.5, x)])
+        dens = ctx.emit("Mul", [ctx.emit("Exp", [ctx.emit("Mul", [x2, ctx.scalar(-0.5, x)])]),
+                                ctx.scalar(1.0 / np.sqrt(2.0 * np.pi), x)])
+        d = ctx.emit("Add", [phi, ctx.emit("Mul", [x, dens])])
+    return [ctx.emit("Mul", [g, d])]
 
 
 @rule("Where")
@@ -428,8 +454,45 @@ def vjp_log_softmax(ctx, node, gouts):
         _unsupported(ctx, node, "LogSoftmax before opset 13 (2-D coercion semantics)")
     y, g = node.output[0], gouts[0]
     axis = ctx.attr("axis", -1)
+    sparse = _scatter_into_zeros(ctx, g, axis, y)
+    if sparse is not None:
+        # g = scatter_add(0, I, U) along the axis (a picked log-probability's cotangent, as in
+        # cross-entropy): sum(g, axis) = sum(U, axis), and gX = scatter_add(-exp(Y) * sum(U), I, U).
+        # Three passes over the (B, T, V) logits instead of six, and no zeros tensor.
+        idx, upd = sparse
+        s = ctx.emit("Neg", [ctx.reduce_sum(upd, [axis], keepdims=1)])
+        base = ctx.emit("Mul", [ctx.emit("Exp", [y]), s])
+        return [ctx.emit("ScatterElements", [base, idx, upd], axis=axis, reduction="add")]
     s = ctx.reduce_sum(g, [axis], keepdims=1)
     return [ctx.emit("Sub", [g, ctx.emit("Mul", [ctx.emit("Exp", [y]), s])])]
+
+
+def _scatter_into_zeros(ctx, g: str, axis: int, like: str):
+    """(indices, updates) when ``g`` is exactly the GatherElements rule's scatter_add(zeros, I, U)
+    along ``axis`` and I (so U) has ``like``'s dims off that axis; else None."""
+    n = ctx.producer.get(g)
+    if n is None or n.op_type != "ScatterElements":
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+    if attrs.get("reduction") not in ("add", b"add"):
+        return None
+    r = ctx.rank(like)
+    if ctx.norm_axis(attrs.get("axis", 0), r) != ctx.norm_axis(axis, r):
+        return None
+    z = ctx.producer.get(n.input[0])
+    if z is None or z.op_type != "ConstantOfShape":
+        return None
+    value = next((helper.get_attribute_value(a) for a in z.attribute if a.name == "value"), None)
+    if value is None or np.any(numpy_helper.to_array(value) != 0):
+        return None
+    upd = n.input[2]  # a cotangent (untyped): it has the indices' shape, a forward value's
+    if n.input[1] not in ctx.types:
+        return None
+    du, dl = ctx.dims(n.input[1]), ctx.dims(like)
+    a = ctx.norm_axis(axis, r)
+    if len(du) != r or any(du[i] != dl[i] or du[i] is None for i in range(r) if i != a):
+        return None
+    return n.input[1], upd
 
 
 @rule("LayerNormalization")

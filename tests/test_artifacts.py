@@ -37,7 +37,10 @@ def test_manifest_describes_config_params_io(tiny_index):
         assert m["config"][k] == getattr(cfg, k), k
     assert [(p["name"], tuple(p["shape"])) for p in m["parameters"]] == param_specs(cfg)
     assert m["hp"]["layout"] == ["lr", "beta1", "beta2", "eps", "weight_decay", "beta1h", "beta2h"]
-    assert m["opset"] == 17 and m["ir_version"] == 10
+    assert m["opset"] == 20 and m["training_set_opset"] == 17 and m["ir_version"] == 10
+    opsets = {f: {o.version for o in onnx.load(str(tiny_index / f), load_external_data=False).opset_import
+                  if o.domain in ("", "ai.onnx")} for f in ("train_step.onnx", "forward.onnx", "training_model.onnx")}
+    assert opsets == {"train_step.onnx": {20}, "forward.onnx": {20}, "training_model.onnx": {17}}
     fwd = m["models"]["forward.onnx"]
     assert [i["name"] for i in fwd["inputs"][:2]] == ["tokens", "positions"]
     assert fwd["inputs"][0] == {"name": "tokens", "dtype": "int64", "shape": ["batch", "seq"]}

@@ -33,24 +33,24 @@ def np_to_tp(a: np.ndarray) -> int:
     return h.np_dtype_to_tensor_dtype(a.dtype)
 
 
-def build(nodes, diff, consts=None, inits=None, outputs=("y",), sym=None):
+def build(nodes, diff, consts=None, inits=None, outputs=("y",), sym=None, opset=OPSET):
     consts = consts or {}
     inits = inits or {}
     sym = sym or {}
     inputs = [h.make_tensor_value_info(n, np_to_tp(a), sym.get(n, list(a.shape))) for n, a in diff.items()]
-    inputs += [h.make_tensor_value_info(n, np_to_tp(a), list(a.shape)) for n, a in consts.items()]
+    inputs += [h.make_tensor_value_info(n, np_to_tp(a), sym.get(n, list(a.shape))) for n, a in consts.items()]
     outs = [h.make_tensor_value_info(o, TP.UNDEFINED, None) for o in outputs]
     g = h.make_graph(nodes, "case", inputs, outs, [nh.from_array(np.asarray(v), k) for k, v in inits.items()])
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", OPSET)])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
     m.ir_version = 10
     return m
 
 
 def check_vjp(nodes, diff, consts=None, inits=None, outputs=("y",), sym=None, eps=1e-6, rtol=1e-6,
-              atol=1e-8, seed=0):
+              atol=1e-8, seed=0, opset=OPSET):
     rng = np.random.default_rng(seed)
     consts = consts or {}
-    fwd = build(nodes, diff, consts, inits, outputs, sym)
+    fwd = build(nodes, diff, consts, inits, outputs, sym, opset)
     run_f = evaluator(fwd)
     feeds = {**diff, **consts}
     ys = run_f.run(None, feeds)
@@ -132,6 +132,11 @@ CASES = {
     "reciprocal": dict(nodes=[N("Reciprocal", ["a"], ["y"])], diff={"a": pos(2, 3)}),
     # the reference Erf computes in float32
     "erf": dict(nodes=[N("Erf", ["a"], ["y"])], diff={"a": rn(2, 3)}, eps=1e-3, rtol=1e-3, atol=3e-4),
+    "gelu_tanh": dict(nodes=[N("Gelu", ["a"], ["y"], approximate="tanh")],
+                      diff={"a": np.concatenate([rn(2, 3), [[-9.0, -4.0, -0.5], [0.5, 4.0, 9.0]]])}, opset=20),
+    # the reference Erf computes in float32
+    "gelu_exact": dict(nodes=[N("Gelu", ["a"], ["y"])], diff={"a": rn(2, 3)}, opset=20,
+                       eps=1e-3, rtol=1e-3, atol=3e-4),
     "relu": dict(nodes=[N("Relu", ["a"], ["y"])], diff={"a": np.array([[-1.0, 0.5, 2.0], [0.3, -0.2, -3.0]])}),
     "matmul_2d": dict(nodes=[N("MatMul", ["a", "b"], ["y"])], diff={"a": rn(3, 4), "b": rn(4, 2)}),
     "matmul_3d_2d": dict(nodes=[N("MatMul", ["a", "b"], ["y"])], diff={"a": rn(2, 3, 4), "b": rn(4, 5)}),
@@ -182,6 +187,17 @@ CASES = {
     "gather_elements_last_repeated": dict(
         nodes=[N("GatherElements", ["a", "i"], ["y"], axis=-1)], diff={"a": rn(2, 3, 5)},
         consts={"i": np.array([[[0, 0, 4, -1]] * 3] * 2, I64)}),
+    # the fused cross-entropy backward (LogSoftmax's rule sees GatherElements' scatter into zeros)
+    "logsoftmax_gather_elements": dict(
+        nodes=[N("LogSoftmax", ["a"], ["l"], axis=-1), N("GatherElements", ["l", "i"], ["y"], axis=-1)],
+        diff={"a": rn(2, 3, 5)}, consts={"i": np.array([[[0, 0, 4, -1]] * 3] * 2, I64)}),
+    "logsoftmax_gather_elements_other_axis": dict(
+        nodes=[N("LogSoftmax", ["a"], ["l"], axis=-1), N("GatherElements", ["l", "i"], ["y"], axis=1)],
+        diff={"a": rn(2, 3, 5)}, consts={"i": np.array([[[0, 2, 1, 1, 0]]] * 2, I64)}),
+    "logsoftmax_gather_elements_symbolic": dict(
+        nodes=[N("LogSoftmax", ["a"], ["l"], axis=2), N("GatherElements", ["l", "i"], ["y"], axis=-1)],
+        diff={"a": rn(2, 3, 5)}, consts={"i": np.array([[[4], [1], [0]]] * 2, I64)},
+        sym={"a": ["B", "T", 5], "i": ["B", "T", 1]}),
     "gather_elements_axis0": dict(nodes=[N("GatherElements", ["a", "i"], ["y"], axis=0)], diff={"a": rn(3, 2)},
                                   consts={"i": np.array([[2, 0], [2, 2]], I64)}),
     "gather_rows_repeated": dict(nodes=[N("Gather", ["w", "i"], ["y"], axis=0)], diff={"w": rn(5, 4)},
@@ -256,6 +272,17 @@ def test_gather_gradient_uses_scatter_add():
     bwd = check_vjp(**CASES["gather_rows_repeated"])
     sc = [n for n in bwd.graph.node if n.op_type == "ScatterND"]
     assert sc and all(h.get_attribute_value(a) == b"add" for n in sc for a in n.attribute if a.name == "reduction")
+
+
+@pytest.mark.parametrize("name, fused", [("logsoftmax_gather_elements", True),
+                                         ("logsoftmax_gather_elements_symbolic", True),
+                                         ("logsoftmax_gather_elements_other_axis", False)])
+def test_cross_entropy_backward_is_one_scatter_without_zeros(name, fused):
+    """LogSoftmax's rule folds the picked entries' scatter_add into its own output when the
+    scatter runs along the softmax axis (no zeros tensor, no dense Sub); otherwise it falls back."""
+    ops = [n.op_type for n in check_vjp(**CASES[name]).graph.node]
+    assert (ops.count("ConstantOfShape"), ops.count("ScatterElements"), "Sub" in ops) == (
+        (0, 1, False) if fused else (1, 1, True))
 
 
 def test_layernorm_float32_uses_saved_statistics_and_matches_float64():
