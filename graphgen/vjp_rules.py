@@ -538,15 +538,18 @@ def vjp_layer_norm(ctx, node, gouts):
 
 @rule("Gather")
 def vjp_gather(ctx, node, gouts):
-    # Y = take(D, I, axis)  ->  gD = zeros(D) with g added at rows I (ScatterND, reduction="add":
-    # exact for repeated indices). Negative indices are wrapped first. axis != 0 is moved to the
-    # front with Transposes.
+    # Y = take(D, I, axis)  ->  gD = zeros(D) with g added at rows I. Negative indices are wrapped
+    # first; axis != 0 is moved to the front with Transposes.
+    # The add is a ScatterElements along axis 0 with each row's index repeated across the row,
+    # not a ScatterND: onnxruntime's CPU ScatterND (1.19 and 1.32 alike) splits the updates
+    # across threads with no care for repeated indices, so with 2+ threads it loses additions
+    # to a race whenever a token repeats (tests/test_autodiff_rules.py shows it). ScatterElements
+    # with reduction="add" runs serially and is exact.
     d, idx = node.input
     g = gouts[0]
     rd = ctx.rank(d)
-    ri = ctx.rank(idx)
     axis = ctx.norm_axis(ctx.attr("axis", 0), rd)
-    if ctx.dtype(idx) != 7:  # int32 indices -> int64 (ScatterND wants int64)
+    if ctx.dtype(idx) != 7:  # int32 indices -> int64
         idx = ctx.emit("Cast", [idx], to=7)
     iv = ctx.const_value(node.input[1])
     if iv is None or (iv < 0).any():
@@ -555,20 +558,35 @@ def vjp_gather(ctx, node, gouts):
             ctx.emit("Squeeze", [_dim_along(ctx, d, axis), ctx.ints([0])])
         neg = ctx.emit("Less", [idx, ctx.const(np.array(0, np.int64))])
         idx = ctx.emit("Where", [neg, ctx.emit("Add", [idx, n]), idx])
-    ind = ctx.emit("Unsqueeze", [idx, ctx.ints([-1])])
     if axis == 0:
-        return [ctx.emit("ScatterND", [ctx.zeros_like(d), ind, g], reduction="add"), None]
+        return [_scatter_add_rows(ctx, ctx.zeros_like(d), d, idx, g), None]
     # move the gathered axis to the front: D' = transpose(D, [axis, 0..axis-1, axis+1..])
+    ri = ctx.rank(node.input[1])
     perm_d = [axis] + list(range(axis)) + list(range(axis + 1, rd))
     # g has dims D[:axis] + I + D[axis+1:]; bring I's dims to the front
     perm_g = list(range(axis, axis + ri)) + list(range(axis)) + list(range(axis + ri, rd - 1 + ri))
     zt = ctx.emit("Transpose", [ctx.zeros_like(d)], perm=perm_d)
     gt = ctx.emit("Transpose", [g], perm=perm_g)
-    acc = ctx.emit("ScatterND", [zt, ind, gt], reduction="add")
+    acc = _scatter_add_rows(ctx, zt, None, idx, gt, row_dims=[ctx.dims(d)[i] for i in perm_d[1:]])
     inv = [0] * rd
     for i, p in enumerate(perm_d):
         inv[p] = i
     return [ctx.emit("Transpose", [acc], perm=inv), None]
+
+
+def _scatter_add_rows(ctx, zeros: str, d: str | None, idx: str, g: str, row_dims=None) -> str:
+    """zeros (N, *R) with g (*I, *R) added at rows idx (*I): flatten to K = prod(I) rows and
+    ScatterElements(axis=0, reduction="add") with each row's index expanded over R."""
+    row_dims = list(ctx.dims(d)[1:]) if row_dims is None else row_dims
+    if all(isinstance(x, int) for x in row_dims):
+        rows_shape = ctx.ints([-1] + row_dims)
+    else:
+        rest = ctx.emit("Shape", [zeros], hint="rowdims", start=1)
+        rows_shape = ctx.emit("Concat", [ctx.ints([-1]), rest], axis=0)
+    g2 = ctx.emit("Reshape", [g, rows_shape])  # (K, *R)
+    i2 = ctx.emit("Reshape", [idx, ctx.ints([-1] + [1] * len(row_dims))])  # (K, 1, ...)
+    i2 = ctx.emit("Expand", [i2, ctx.emit("Shape", [g2])])  # (K, *R)
+    return ctx.emit("ScatterElements", [zeros, i2, g2], axis=0, reduction="add")
 
 
 @rule("GatherElements")

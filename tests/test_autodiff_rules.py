@@ -268,10 +268,39 @@ def test_dynamic_reduction_path_used_for_ambiguous_symbolic_broadcast():
     assert not any(n.op_type in ("Compress", "ReduceSum") for n in bwd.graph.node)
 
 
-def test_gather_gradient_uses_scatter_add():
+def test_gather_gradient_uses_scatter_elements_add():
     bwd = check_vjp(**CASES["gather_rows_repeated"])
-    sc = [n for n in bwd.graph.node if n.op_type == "ScatterND"]
+    assert not [n for n in bwd.graph.node if n.op_type == "ScatterND"]
+    sc = [n for n in bwd.graph.node if n.op_type == "ScatterElements"]
     assert sc and all(h.get_attribute_value(a) == b"add" for n in sc for a in n.attribute if a.name == "reduction")
+
+
+def test_embedding_gradient_is_exact_on_multithreaded_onnxruntime():
+    """The Gather rule's backward on onnxruntime with 2 threads, at a size where its kernels
+    split work across threads, against NumPy's serial np.add.at. Every token repeats ~32 times.
+    (onnxruntime's ScatterND with reduction="add", which this rule once used, fails this:
+    its threads race on repeated rows and lose additions, errors of order 1.)"""
+    from runtimes.ort_env import import_onnxruntime
+
+    ort = import_onnxruntime()
+    v, d, n = 256, 768, 8192
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((v, d)).astype(np.float32)
+    ids = rng.integers(0, v, (2, n // 2))
+    ct = rng.standard_normal((2, n // 2, d)).astype(np.float32)
+    m = build([N("Gather", ["w", "i"], ["y"], axis=0)], {"w": w}, consts={"i": ids})
+    m.graph.input.append(h.make_tensor_value_info("ct.y", TP.FLOAT, list(ct.shape)))
+    grads = add_vjp(m, ["y"], ["ct.y"], ["w"])
+    del m.graph.output[:]
+    m.graph.output.append(h.make_tensor_value_info(grads["w"], TP.FLOAT, [v, d]))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    want = np.zeros((v, d))
+    np.add.at(want, ids.reshape(-1), ct.reshape(-1, d).astype(np.float64))
+    for _ in range(3):
+        got = sess.run(None, {"w": w, "i": ids, "ct.y": ct})[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("name, fused", [("logsoftmax_gather_elements", True),
