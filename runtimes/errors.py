@@ -40,6 +40,8 @@ class RuntimeUnavailable(GPT2OnnxError):
 class TrainingDiverged(GPT2OnnxError):
     """The loss or an updated tensor became NaN or infinite.
 
-    ``ort`` and ``reference`` do not commit a step whose loss is not finite;
-    ``ort-training`` updates in place and cannot roll back, so ``train`` stops
-    and keeps the last checkpoint whose parameters and moments were finite."""
+    ``reference`` does not commit a step whose loss is not finite; ``ort`` does
+    not commit its parameters but has already updated its moments in place, and
+    then refuses further steps; ``ort-training`` updates everything in place. None
+    can roll back in memory, so ``train`` stops and keeps the last checkpoint
+    whose parameters and moments were finite."""

@@ -20,7 +20,8 @@ weights bit for bit.
 
 Divergence: a step whose loss is NaN or infinite stops the run with
 TrainingDiverged (``ort`` and ``reference`` raise it themselves and do not
-commit the step; ``ort-training`` updates in place and returns the NaN). A
+commit the parameters, though ``ort`` has updated its moments in place;
+``ort-training`` updates everything in place and returns the NaN). A
 gradient that overflows can leave parameters or moments non-finite while the
 loss of that step is still finite; train() therefore checks that every
 parameter and both AdamW moments are finite before it writes a checkpoint (and
@@ -292,7 +293,7 @@ def train(opts: TrainOptions, echo=print) -> dict:
                 t0 = time.perf_counter()
                 try:
                     loss = rt.step(*batch, hp)
-                except TrainingDiverged as e:  # ort / reference: the step was not applied
+                except TrainingDiverged as e:  # ort / reference: the parameters were not updated
                     raise TrainingDiverged(f"{e}; {where_good()}") from None
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss):
