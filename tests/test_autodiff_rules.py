@@ -229,6 +229,12 @@ CASES = {
     "value_used_twice": dict(nodes=[N("Mul", ["a", "a"], ["sq"]), N("Mul", ["a", "w"], ["aw"]),
                                     N("Add", ["sq", "aw"], ["s"]), N("Add", ["s", "a"], ["y"])],
                              diff={"a": rn(2, 3), "w": rn(3)}),
+    # a linear layer x @ W^T, W (out, in): both operand orders of the weight gradient's transpose
+    "linear_wide_out": dict(nodes=[N("Transpose", ["w"], ["wT"], perm=[1, 0]), N("MatMul", ["x", "wT"], ["y"])],
+                            diff={"x": rn(2, 3, 4), "w": rn(6, 4)}),
+    "linear_narrow_out_symbolic": dict(
+        nodes=[N("Transpose", ["w"], ["wT"], perm=[1, 0]), N("MatMul", ["x", "wT"], ["y"])],
+        diff={"x": rn(3, 5, 4), "w": rn(2, 4)}, sym={"x": ["B", "T", 4]}),
     "tied_embedding": dict(nodes=[N("Gather", ["w", "i"], ["e"]), N("Transpose", ["w"], ["wT"], perm=[1, 0]),
                                   N("MatMul", ["e", "wT"], ["y"])],
                            diff={"w": rn(5, 3)}, consts={"i": np.array([[1, 1, 4]], I64)}),
