@@ -171,6 +171,33 @@ def test_ort_runtime_on_current_onnxruntime(mode_, tiny_index, tiny_dense, tmp_p
                   1e-4, LR, STEPS)
 
 
+# --- a realistic size on two threads ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory) -> Path:
+    from graphgen.artifacts import build_artifacts
+    from graphgen.config import GPT2Config
+
+    out = tmp_path_factory.mktemp("artifacts") / "small"
+    build_artifacts(GPT2Config.preset("small"), out, log=lambda m: None)
+    return out
+
+
+@pytest.mark.parametrize("name", ["ort", "ort-training"])
+def test_gradients_on_small_with_two_threads(name, small_index):
+    """tiny is too small for onnxruntime to split kernels across threads, so races in a
+    multithreaded kernel never show there (the ScatterND one did not: tests/test_autodiff_rules.py).
+    The small preset (d_model 256, 4 layers) at 16x64 tokens (make train's batch; ScatterND
+    raced from about 1,024 rows of 256 floats), 2 intra-op threads, against the oracle."""
+    rt = runtimes.load(small_index, runtime=name, threads=2, verify=False)
+    tok, pos, lab = batches(rt.art.config, 1, batch=16, seq=64, seed=3)[0]
+    assert len(np.unique(tok)) < tok.size / 4  # text: every row of wte's gradient sums many tokens
+    loss, want = TorchGPT2(rt.art.config, rt.art.initial_weights()).grads(tok, pos, lab)
+    assert abs(rt.loss(tok, pos, lab) - loss) < 1e-5
+    report(f"{name} gradients vs torch on small 16x64, 2 threads", floored_errors(rt.gradients(tok, pos, lab), want),
+           1e-4)
+
+
 # --- CUDA ----------------------------------------------------------------------
 
 def _has_cuda() -> bool:
