@@ -20,6 +20,14 @@ import tempfile
 import time
 
 
+def phase_of(node: str) -> str:
+    """Which part of the step a node of train_step.onnx belongs to, by the builder's name
+    prefixes (fused nodes keep their first node's name): adamw/..., bw/..., else forward."""
+    if node.startswith("adamw/"):
+        return "adamw"
+    return "backward" if node.startswith("bw/") else "forward"
+
+
 def summarise(trace: list[dict], skip_runs: int = 1) -> dict:
     """Kernel time (us) by op type and by node, over the model runs after the first ``skip_runs``."""
     runs = sorted((e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"),
@@ -31,6 +39,7 @@ def summarise(trace: list[dict], skip_runs: int = 1) -> dict:
         return any(a <= ts <= b for a, b in windows)
 
     by_op: dict[str, float] = collections.defaultdict(float)
+    by_phase: dict[str, float] = {"forward": 0.0, "backward": 0.0, "adamw": 0.0}
     by_node: dict[str, float] = collections.defaultdict(float)
     node_op: dict[str, str] = {}
     for e in trace:
@@ -39,6 +48,7 @@ def summarise(trace: list[dict], skip_runs: int = 1) -> dict:
         op = e.get("args", {}).get("op_name", "?")
         name = e["name"][: -len("_kernel_time")]
         by_op[op] += e["dur"]
+        by_phase[phase_of(name)] += e["dur"]
         by_node[name] += e["dur"]
         node_op[name] = op
     n = max(len(kept), 1)
@@ -47,6 +57,7 @@ def summarise(trace: list[dict], skip_runs: int = 1) -> dict:
         "run_us": sum(r["dur"] for r in kept) / n,
         "kernel_us": sum(by_op.values()) / n,
         "by_op": {k: v / n for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
+        "by_phase": {k: v / n for k, v in by_phase.items()},
         "by_node": [(k, node_op[k], v / n) for k, v in sorted(by_node.items(), key=lambda kv: -kv[1])],
     }
 
@@ -54,7 +65,10 @@ def summarise(trace: list[dict], skip_runs: int = 1) -> dict:
 def report(s: dict, top: int = 25) -> str:
     total = s["kernel_us"] or 1.0
     lines = [f"{s['runs']} runs: {s['run_us'] / 1e3:.1f} ms per run, {s['kernel_us'] / 1e3:.1f} ms in kernels "
-             f"({100 * s['kernel_us'] / max(s['run_us'], 1):.0f}%)", "", "by op type:"]
+             f"({100 * s['kernel_us'] / max(s['run_us'], 1):.0f}%)", "", "by phase:"]
+    for phase, us in s["by_phase"].items():
+        lines.append(f"  {phase:28s} {us / 1e3:9.2f} ms  {100 * us / total:5.1f}%")
+    lines += ["", "by op type:"]
     for op, us in list(s["by_op"].items())[:top]:
         lines.append(f"  {op:28s} {us / 1e3:9.2f} ms  {100 * us / total:5.1f}%")
     lines += ["", "top nodes:"]
