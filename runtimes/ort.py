@@ -149,6 +149,10 @@ class OrtRuntime(Runtime):
             self._state[n], self._spare[n] = self._spare[n], self._state[n]
         return loss
 
+    def save(self, path, extra: dict | None = None) -> None:
+        self._check_moments()  # a diverged step's half-applied state is nothing to resume from
+        super().save(path, extra)
+
     def _check_moments(self) -> None:
         if self._stale_moments_at is not None:
             raise TrainingDiverged(

@@ -90,6 +90,9 @@ def test_diverged_step_keeps_parameters_refuses_more_and_resumes(tiny_index, tmp
     assert not same(rt.moments()[1], v)  # written in place: the documented cost of keeping one set
     with pytest.raises(TrainingDiverged, match=r"step 3 diverged.*continue from a checkpoint"):
         rt.step(*batch(vocab, 3), runtimes.make_hp(1e-3, step=3))
+    with pytest.raises(TrainingDiverged, match=r"step 3 diverged"):
+        rt.save(tmp_path / "half-applied.safetensors")
+    assert not (tmp_path / "half-applied.safetensors").exists()
     again = runtimes.resume(ckpt)
     assert again.step_count == 1 and all(same(x, y) for x, y in zip(snapshot(again), good))
     assert np.isfinite(again.step(*batch(vocab, 2), runtimes.make_hp(1e-2, step=2)))
