@@ -7,7 +7,7 @@ It comes in two spellings of the same math, differing only in GELU:
 - ``gelu="op"`` (opset 20, the portable graphs: train_step.onnx, forward.onnx):
   one ``Gelu(approximate="tanh")`` node. One pass instead of nine, and our
   autodiff's Gelu rule keeps only its input for the backward instead of six
-  intermediates (about a tenth of a mid 8x256 step's memory).
+  intermediates (mid 8x256 peak RSS 1,873 -> 1,424 MiB).
 - ``gelu="expanded"`` (opset 17, the ONNX Runtime training set): the tanh formula
   written out in Mul/Add/Tanh. onnxruntime-training 1.19.2's gradient builder
   differentiates an opset-20 tanh ``Gelu`` with the exact (erf) ``GeluGrad``,

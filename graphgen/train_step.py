@@ -40,7 +40,7 @@ def _check_forward(forward: onnx.ModelProto, param_names: list[str], float32: bo
         raise AutodiffError(f"forward graph uses non-default domains {sorted(domains - {'', 'ai.onnx'})}")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 16:
-        raise AutodiffError(f"forward graph must use opset >= 16 (ScatterND reduction), got {opset}")
+        raise AutodiffError(f"forward graph must use opset >= 16 (ScatterElements reduction), got {opset}")
     for p in param_names:
         vi = next(i for i in g.input if i.name == p)
         et = vi.type.tensor_type.elem_type
