@@ -31,7 +31,9 @@ from .ort_training_set import TRAINING_FILES, write_training_set
 from .train_step import build_train_step
 
 MANIFEST_FORMAT = "gpt2-onnx-artifacts"
-MANIFEST_VERSION = 1
+# 2: portable graphs at opset 20 (Gelu) with a race-free embedding gradient. Version 1's
+# train_step.onnx used ScatterND add, which loses additions on multithreaded onnxruntime.
+MANIFEST_VERSION = 2
 
 _DTYPES = {
     onnx.TensorProto.FLOAT: "float32",

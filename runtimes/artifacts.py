@@ -20,7 +20,11 @@ import numpy as np
 from .errors import ArtifactError
 
 MANIFEST_FORMAT = "gpt2-onnx-artifacts"
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (2,)
+RETIRED_VERSIONS = {
+    1: "its train_step.onnx computes wrong embedding gradients on onnxruntime with 2+ threads "
+       "(ScatterND add races on repeated tokens)",
+}
 CONFIG_KEYS = ("vocab", "context", "d_model", "n_heads", "d_ff", "n_layers", "seed", "init", "labels")
 
 
@@ -179,6 +183,11 @@ def load_artifacts(folder: str | Path, verify: bool = True, needs: tuple[str, ..
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ArtifactError(f"{mpath}: not a {MANIFEST_FORMAT} manifest (format={manifest.get('format') if isinstance(manifest, dict) else None!r})")
     version = manifest.get("format_version")
+    if version in RETIRED_VERSIONS:
+        raise ArtifactError(
+            f"{mpath}: format_version {version} is retired: {RETIRED_VERSIONS[version]}; rebuild the artifacts "
+            f"(python -m graphgen build, or make artifacts); checkpoints resume on the rebuilt folder"
+        )
     if version not in SUPPORTED_VERSIONS:
         raise ArtifactError(
             f"{mpath}: format_version {version!r} is not one this runner reads {SUPPORTED_VERSIONS}; rebuild the artifacts with this version"

@@ -18,7 +18,7 @@ import path from 'node:path';
 const require = createRequire(import.meta.url);
 
 export const MANIFEST_FORMAT = 'gpt2-onnx-artifacts';
-export const SUPPORTED_VERSIONS = [1];
+export const SUPPORTED_VERSIONS = [2];  // 1: train_step.onnx with a racy ScatterND embedding gradient; rebuild
 export const CONFIG_KEYS = ['vocab', 'context', 'd_model', 'n_heads', 'd_ff', 'n_layers', 'seed', 'init', 'labels'];
 export const HP_LAYOUT = ['lr', 'beta1', 'beta2', 'eps', 'weight_decay', 'beta1h', 'beta2h'];
 export const HP_RTOL = 1e-4; // as runtimes/hp.py

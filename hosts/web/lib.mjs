@@ -72,8 +72,8 @@ export function readManifest(manifest, where = 'manifest.json') {
   if (!manifest || manifest.format !== 'gpt2-onnx-artifacts') {
     throw new Error(`${where}: format is ${JSON.stringify(manifest && manifest.format)}, expected "gpt2-onnx-artifacts"`);
   }
-  if (manifest.format_version !== 1) {
-    throw new Error(`${where}: format_version ${JSON.stringify(manifest.format_version)} is not supported (this page reads 1)`);
+  if (manifest.format_version !== 2) {
+    throw new Error(`${where}: format_version ${JSON.stringify(manifest.format_version)} is not supported (this page reads 2; rebuild the artifacts)`);
   }
   const cfg = manifest.config || {};
   for (const k of ['vocab', 'context', 'd_model', 'n_layers']) {
