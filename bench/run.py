@@ -2,6 +2,7 @@
 
     python -m bench.run [--quick] [--configs small,mid,gpt2] [--threads N]
                         [--device cpu|cuda] [--json PATH] [--runtimes ...] [--reuse]
+                        [--rounds N] [--burst K]
 
 For each case (config, batch x T) it starts one process per participant
 (bench/worker.py): the ``ort`` and ``ort-training`` runtimes, the batched
@@ -438,6 +439,9 @@ def main(argv=None) -> int:
 
     if a.threads < 1:
         p.error("--threads must be >= 1")
+    for flag, value in (("--rounds", a.rounds), ("--burst", a.burst)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1")
     runtimes = [r for r in a.runtimes.split(",") if r]
     bad = [r for r in runtimes if r not in RUNTIMES]
     if bad:
@@ -449,9 +453,7 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
         cases = [c for c in (cases + EXTRA_CASES) if c.config in wanted]
-    if a.rounds or a.burst:
-        if (a.rounds or 1) < 1 or (a.burst or 1) < 1:
-            raise SystemExit("--rounds and --burst must be at least 1")
+    if a.rounds is not None or a.burst is not None:
         cases = [Case(c.config, c.batch, c.seq, a.rounds or c.rounds, c.warmup, a.burst or c.burst) for c in cases]
 
     if a.device == "cuda":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from bench import run
 
 
@@ -51,3 +53,16 @@ def test_bench_runs_tiny_and_reports(tiny_index, tmp_path, capsys):
     table = capsys.readouterr().out
     for word in ("ms/step", "tokens/s", "vs torch", "% sgemm", "peak RSS", "tiny 1x64", "numpy sgemm"):
         assert word in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--burst", "-1"], "--burst must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--runtimes", "ort,nope"], "unknown runtimes"),
+])
+def test_bad_options_stop_before_anything_runs(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run.main(args + ["--artifacts-dir", str(tmp_path / "never"), "--json", str(tmp_path / "never.json")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists() and not (tmp_path / "never.json").exists()
