@@ -575,7 +575,7 @@ def vjp_gather(ctx, node, gouts):
         neg = ctx.emit("Less", [idx, ctx.const(np.array(0, np.int64))])
         idx = ctx.emit("Where", [neg, ctx.emit("Add", [idx, n]), idx])
     if axis == 0:
-        return [_scatter_add_rows(ctx, ctx.zeros_like(d), d, idx, g), None]
+        return [_scatter_add_rows(ctx, ctx.zeros_like(d), idx, g, ctx.dims(d)[1:]), None]
     # move the gathered axis to the front: D' = transpose(D, [axis, 0..axis-1, axis+1..])
     ri = ctx.rank(node.input[1])
     perm_d = [axis] + list(range(axis)) + list(range(axis + 1, rd))
@@ -583,17 +583,17 @@ def vjp_gather(ctx, node, gouts):
     perm_g = list(range(axis, axis + ri)) + list(range(axis)) + list(range(axis + ri, rd - 1 + ri))
     zt = ctx.emit("Transpose", [ctx.zeros_like(d)], perm=perm_d)
     gt = ctx.emit("Transpose", [g], perm=perm_g)
-    acc = _scatter_add_rows(ctx, zt, None, idx, gt, row_dims=[ctx.dims(d)[i] for i in perm_d[1:]])
+    acc = _scatter_add_rows(ctx, zt, idx, gt, [ctx.dims(d)[i] for i in perm_d[1:]])
     inv = [0] * rd
     for i, p in enumerate(perm_d):
         inv[p] = i
     return [ctx.emit("Transpose", [acc], perm=inv), None]
 
 
-def _scatter_add_rows(ctx, zeros: str, d: str | None, idx: str, g: str, row_dims=None) -> str:
-    """zeros (N, *R) with g (*I, *R) added at rows idx (*I): flatten to K = prod(I) rows and
-    ScatterElements(axis=0, reduction="add") with each row's index expanded over R."""
-    row_dims = list(ctx.dims(d)[1:]) if row_dims is None else row_dims
+def _scatter_add_rows(ctx, zeros: str, idx: str, g: str, row_dims: list) -> str:
+    """zeros (N, *R) with g (*I, *R) added at rows idx (*I), R = row_dims: flatten to K = prod(I)
+    rows and ScatterElements(axis=0, reduction="add") with each row's index expanded over R."""
+    row_dims = list(row_dims)
     if all(isinstance(x, int) for x in row_dims):
         rows_shape = ctx.ints([-1] + row_dims)
     else:
