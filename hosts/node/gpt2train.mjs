@@ -15,6 +15,8 @@ import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, s
 import { createRequire } from 'node:module';
 import path from 'node:path';
 
+import { mulberry32 } from '../web/lib.mjs';
+
 const require = createRequire(import.meta.url);
 
 export const MANIFEST_FORMAT = 'gpt2-onnx-artifacts';
@@ -704,17 +706,9 @@ export function readBatchFile(file, config) {
 }
 
 // ------------------------------------------------------------------- simple samplers
-/** mulberry32: a small seeded 32-bit PRNG (uniform in [0, 1)). */
-export function mulberry32(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+// mulberry32 (a small seeded 32-bit PRNG, uniform in [0, 1)) is the page's: hosts/web/lib.mjs
+// is plain JS for browsers and Node alike.
+export { mulberry32 };
 
 /** Random windows of a byte array: tokens = data[o:o+T], labels = data[o+1:o+T+1], positions 0..T-1. */
 export function textSampler(bytes, batch, seq, seed) {
