@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--beta2", type=float, default=0.999)
     b.add_argument("--eps", type=float, default=1e-8)
     b.add_argument("--weight-decay", type=float, default=0.01)
+    b.add_argument("--force", action="store_true",
+                   help="replace an artifact folder even if it holds files the build did not write "
+                        "(never a folder that is not an artifact folder)")
     for f in ("vocab", "context", "d-model", "n-heads", "d-ff", "n-layers"):
         b.add_argument(f"--{f}", type=int, help=f"override the preset's {f.replace('-', '_')}")
     return p
@@ -49,11 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .artifacts import build_artifacts  # heavy imports only once the config is valid
+    from .artifacts import OutputFolderError, build_artifacts  # heavy imports only once the config is valid
 
     out = args.out or Path("artifacts") / args.config
     print(f"building {cfg.name}: {cfg.to_dict()}", flush=True)
-    build_artifacts(cfg, out, log=lambda m: print(m, flush=True))
+    try:
+        build_artifacts(cfg, out, log=lambda m: print(m, flush=True), force=args.force)
+    except OutputFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"error: not enough memory to build {cfg.name} ({cfg.to_dict()}); nothing was written to {out}",
+              file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk filled or the folder became unwritable mid-build
+        print(f"error: could not write the artifacts for {out}: {e.strerror or e}; nothing was written to {out}",
+              file=sys.stderr)
+        return 2
     return 0
 
 

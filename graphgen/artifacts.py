@@ -3,8 +3,14 @@
 The manifest is the contract the runners and hosts read (they never import this
 package): config, every model's input/output names, dtypes and shapes in order,
 the parameter order, the hp layout, opset/IR versions, tool versions and the
-sha256 of every file. The folder is built beside the target and renamed into
-place, so a failed build never leaves a half-written folder behind.
+sha256 of every file.
+
+The folder is built in a temporary sibling and swapped into place, so a failed
+build never leaves a half-written folder behind. The target is replaced only
+when it is empty or is an artifact folder of this project holding nothing but
+its own files (``force`` also accepts unknown extra files in an artifact
+folder); anything else is a user's folder and is refused untouched, checked
+once before building and again just before the swap.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 import onnx
 from safetensors.numpy import save_file
 
-from runtimes.artifacts import sha256_file  # the runners verify with the same function
+from runtimes.artifacts import MANIFEST_FORMAT, describe_io, sha256_file  # the runners check with the same
 
 from .adamw import HP_FIELDS
 from .config import GPT2Config, param_specs
@@ -30,17 +36,9 @@ from .model import IR_VERSION, OPSET, TRAINING_SET_OPSET, build_forward_logits, 
 from .ort_training_set import TRAINING_FILES, write_training_set
 from .train_step import build_train_step
 
-MANIFEST_FORMAT = "gpt2-onnx-artifacts"
 # 2: portable graphs at opset 20 (Gelu) with a race-free embedding gradient. Version 1's
 # train_step.onnx used ScatterND add, which loses additions on multithreaded onnxruntime.
 MANIFEST_VERSION = 2
-
-_DTYPES = {
-    onnx.TensorProto.FLOAT: "float32",
-    onnx.TensorProto.INT64: "int64",
-    onnx.TensorProto.BOOL: "bool",
-    onnx.TensorProto.DOUBLE: "float64",
-}
 
 
 def _tool_versions() -> dict[str, str]:
@@ -53,24 +51,8 @@ def _tool_versions() -> dict[str, str]:
     return tools
 
 
-def _value_info(vi: onnx.ValueInfoProto) -> dict:
-    t = vi.type
-    if t.HasField("tensor_type"):
-        tt = t.tensor_type
-        shape = None
-        if tt.HasField("shape"):
-            shape = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None) for d in tt.shape.dim]
-        return {"name": vi.name, "dtype": _DTYPES.get(tt.elem_type, str(tt.elem_type)), "shape": shape}
-    return {"name": vi.name, "dtype": "sequence" if t.HasField("sequence_type") else "other", "shape": None}
-
-
 def _model_io(path: Path) -> dict:
-    model = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    return {
-        "inputs": [_value_info(i) for i in model.graph.input if i.name not in inits],
-        "outputs": [_value_info(o) for o in model.graph.output],
-    }
+    return describe_io(onnx.load(str(path), load_external_data=False))
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
@@ -79,11 +61,84 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def build_artifacts(cfg: GPT2Config, out: Path, log=print) -> dict:
-    """Build every artifact for ``cfg`` into ``out``; returns the manifest."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+class OutputFolderError(Exception):
+    """``--out`` cannot be (re)placed: a user's folder, a file, or not writable. Nothing was touched."""
+
+
+def _describe(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_out_folder(out: Path, force: bool = False) -> None:
+    """Raise OutputFolderError unless ``out`` may be created or replaced by a build.
+
+    Replaceable: a missing path, an empty folder, or a folder whose manifest.json
+    is this project's and which holds only the files that manifest lists (with
+    ``force``, other files too). A symbolic link is refused rather than followed:
+    replacing it would swap the link, not the folder it names.
+    """
+    if out.is_symlink():
+        raise OutputFolderError(f"--out {out} is a symbolic link; give the folder's real path ({out.resolve()})")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputFolderError(f"--out {out} is an existing file, not a folder; nothing was written")
+    try:
+        entries = os.listdir(out)
+    except OSError as e:
+        raise OutputFolderError(f"--out {out} cannot be read: {e.strerror or e}") from None
+    if not entries:
+        return
+    manifest = None
+    try:
+        with open(out / "manifest.json", "rb") as f:
+            manifest = json.loads(f.read(64 << 20))
+    except (OSError, ValueError, RecursionError):
+        pass
+    listed = manifest.get("files") if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
+    if not isinstance(listed, dict):
+        raise OutputFolderError(
+            f"--out {out} is not empty and is not an artifact folder (it holds {_describe(entries)}); "
+            f"nothing was touched: choose an empty or new folder"
+        )
+    extra = [e for e in entries if e != "manifest.json" and e not in listed]
+    if extra and not force:
+        raise OutputFolderError(
+            f"--out {out} is an artifact folder that also holds files it did not build ({_describe(extra)}); "
+            f"nothing was touched: move them away, or pass --force to replace the folder with them"
+        )
+
+
+def _swap_in(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished build ``tmp`` to ``out``, replacing what check_out_folder allows."""
+    check_out_folder(out, force)  # again: the folder may have changed during the build
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.rmdir(old)
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False) -> dict:
+    """Build every artifact for ``cfg`` into ``out``; returns the manifest.
+
+    Raises OutputFolderError, before any work, when ``out`` may not be replaced
+    (see check_out_folder) or its parent cannot be written."""
+    out = Path(os.path.abspath(out))  # "." and "..": the folder they name, not an empty name
+    check_out_folder(out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise OutputFolderError(f"--out {out}: cannot create a folder in {out.parent}: {e.strerror or e}") from None
     tmp.chmod(0o755)
     try:
         t0 = time.perf_counter()
@@ -105,9 +160,7 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print) -> dict:
             json.dump(manifest, f, indent=1)
         for p in tmp.iterdir():
             p.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _swap_in(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

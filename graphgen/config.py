@@ -13,11 +13,19 @@ and keeps the graph's input count independent of the head count.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 LABEL_MODES = ("index", "dense")
 INIT_MODES = ("lcg", "seed")
 LN_EPS = 1e-5
+# safetensors, numpy and ONNX Runtime all index a tensor with 64-bit sizes, but a
+# model past 2^31 parameters (8 GiB of float32, four times that to train) is far
+# outside what these graphs are laid out for; refusing it here turns a MemoryError
+# deep in the init into a one-line message.
+MAX_PARAMETERS = 2**31 - 1
 
 # name: (vocab, context, d_model, n_heads, d_ff, n_layers)
 PRESETS: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -68,12 +76,20 @@ class GPT2Config:
             raise ConfigError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
         for f in ("beta1", "beta2"):
             v = getattr(self, f)
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(f"{f} must be in [0, 1), got {v!r}")
-        if not self.eps > 0.0:
-            raise ConfigError(f"eps must be > 0, got {self.eps!r}")
-        if not self.weight_decay >= 0.0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+            # float32 is what the optimizer model and the hp vector carry: 0.99999999 rounds to 1
+            if not 0.0 <= v < 1.0 or not np.float32(v) < 1.0:
+                raise ConfigError(f"{f} must be in [0, 1) (and below 1 in float32), got {v!r}")
+        if not (self.eps > 0.0 and math.isfinite(self.eps) and np.float32(self.eps) > 0):
+            raise ConfigError(f"eps must be finite and > 0 (and above 0 in float32), got {self.eps!r}")
+        if not (self.weight_decay >= 0.0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
+        n = sum(math.prod(shape) for _, shape in param_specs(self))
+        if n > MAX_PARAMETERS:
+            raise ConfigError(
+                f"this configuration has {n:,} parameters, more than the {MAX_PARAMETERS:,} these artifacts "
+                f"support (vocab {self.vocab}, context {self.context}, d_model {self.d_model}, "
+                f"d_ff {self.d_ff}, n_layers {self.n_layers})"
+            )
 
     @property
     def d_head(self) -> int:

@@ -13,6 +13,7 @@ from .errors import (
     DataError,
     GPT2OnnxError,
     InputError,
+    OutOfMemory,
     OutputError,
     RuntimeUnavailable,
     TrainingDiverged,
@@ -21,6 +22,6 @@ from .hp import HP_LAYOUT, check_hp, make_hp
 
 __all__ = [
     "REGISTRY", "Runtime", "load", "resume", "make_hp", "check_hp", "HP_LAYOUT",
-    "GPT2OnnxError", "InputError", "ArtifactError", "CheckpointError", "DataError", "OutputError",
+    "GPT2OnnxError", "InputError", "ArtifactError", "CheckpointError", "DataError", "OutputError", "OutOfMemory",
     "RuntimeUnavailable", "TrainingDiverged",
 ]

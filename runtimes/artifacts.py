@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError
+from .jsonlimits import loads_limited
 
 MANIFEST_FORMAT = "gpt2-onnx-artifacts"
 SUPPORTED_VERSIONS = (2,)
@@ -103,7 +105,7 @@ def _header_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             n = int.from_bytes(f.read(8), "little")
             if not 0 < n <= 100 << 20:
                 raise ValueError(f"header length {n}")
-            header = json.loads(f.read(n))
+            header = loads_limited(f.read(n), "its header", ValueError, max_bytes=100 << 20)
         return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
@@ -159,6 +161,129 @@ def _check_manifest(mpath: Path, manifest: dict) -> None:
             bad(f"files lists {name!r}, which is outside the artifact folder")
 
 
+def artifact_folder_holding(path: str | Path) -> Path | None:
+    """The artifact folder that ``path`` is, or lies inside, or None.
+
+    Runners never write into an artifact folder: a file added there is refused by
+    the next build, and one replaced (weights.safetensors) makes the folder fail
+    its hash check for good. A folder is one when its manifest.json says so.
+    """
+    p = Path(os.path.abspath(path))
+    for folder in (p, *p.parents):
+        mpath = folder / "manifest.json"
+        try:
+            if not mpath.is_file() or mpath.stat().st_size > 64 << 20:
+                continue
+            manifest = loads_limited(mpath.read_bytes(), str(mpath), ValueError)
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT:
+            return folder
+    return None
+
+
+_DTYPES = {1: "float32", 7: "int64", 9: "bool", 11: "float64"}  # onnx TensorProto data types
+
+
+def describe_io(model) -> dict:
+    """A model's graph inputs (initializers excluded) and outputs as the manifest records them:
+    ``{"inputs": [{name, dtype, shape}], "outputs": [...]}``, a dim being its symbol, size or None."""
+
+    def value(vi) -> dict:
+        t = vi.type
+        if not t.HasField("tensor_type"):
+            return {"name": vi.name, "dtype": "sequence" if t.HasField("sequence_type") else "other", "shape": None}
+        tt = t.tensor_type
+        shape = None
+        if tt.HasField("shape"):
+            shape = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
+                     for d in tt.shape.dim]
+        return {"name": vi.name, "dtype": _DTYPES.get(tt.elem_type, str(tt.elem_type)), "shape": shape}
+
+    inits = {i.name for i in model.graph.initializer}
+    return {"inputs": [value(i) for i in model.graph.input if i.name not in inits],
+            "outputs": [value(o) for o in model.graph.output]}
+
+
+def _external_tensors(graph, where: str):
+    """(where, location) of every tensor in ``graph`` and its subgraphs stored as external data."""
+    def tensors():
+        yield from graph.initializer
+        for sp in graph.sparse_initializer:
+            yield sp.values
+            yield sp.indices
+        for node in graph.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                if a.HasField("sparse_tensor"):
+                    yield a.sparse_tensor.values
+                    yield a.sparse_tensor.indices
+                for sp in a.sparse_tensors:
+                    yield sp.values
+                    yield sp.indices
+
+    for t in tensors():
+        if t.data_location == 1 or len(t.external_data):  # TensorProto.EXTERNAL
+            location = next((e.value for e in t.external_data if e.key == "location"), "?")
+            yield f"{where}: tensor {t.name!r}", location
+    for node in graph.node:
+        for a in node.attribute:
+            subgraphs = ([a.g] if a.HasField("g") else []) + list(a.graphs)
+            for sub in subgraphs:
+                yield from _external_tensors(sub, f"{where} (subgraph of node {node.name!r})")
+
+
+def check_models(art: "Artifacts") -> None:
+    """Each model the manifest lists is self-contained and has the inputs and outputs it records.
+
+    No model of this project stores data outside its .onnx file, so any external
+    data is refused (onnxruntime 1.19 would follow a location such as
+    ``../../etc/passwd`` or an absolute path and train on that file's bytes).
+    The inputs and outputs (names, dtypes, ranks) must be the manifest's, and a
+    ``labels`` input must have the dtype the config's label mode implies, so a
+    model swapped in from another build fails here and not at the first step.
+    Runs before any session is created.
+    """
+    import onnx
+
+    labels_dtype = {"index": "int64", "dense": "float32"}[art.config["labels"]]
+    for name, recorded in art.manifest["models"].items():
+        path = art.path(name)
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise ArtifactError(f"{path} is not a readable ONNX model: {e}") from None
+        for where, location in _external_tensors(model.graph, str(path)):
+            raise ArtifactError(
+                f"{where} stores its data outside the model (external data at {location!r}); "
+                f"this project's models are self-contained, so the folder is refused"
+            )
+        actual = describe_io(model)
+        if not isinstance(recorded, dict):
+            raise ArtifactError(f"{art.folder}/manifest.json: models[{name!r}] is not an object")
+        for side in ("inputs", "outputs"):
+            want = recorded.get(side)
+            got = [(v["name"], v["dtype"], None if v["shape"] is None else len(v["shape"])) for v in actual[side]]
+            try:
+                expected = [(v["name"], v["dtype"], None if v["shape"] is None else len(v["shape"])) for v in want]
+            except (TypeError, KeyError):
+                raise ArtifactError(f"{art.folder}/manifest.json: models[{name!r}].{side} is malformed") from None
+            if got != expected:
+                diff = next((f"{g} vs {e}" for g, e in zip(got, expected) if g != e), f"{len(got)} vs {len(expected)} {side}")
+                raise ArtifactError(
+                    f"{path}: its {side} (name, dtype, rank) differ from manifest.json ({diff}): "
+                    f"the model is from another build; rebuild the artifacts"
+                )
+        for v in actual["inputs"]:
+            if v["name"] == "labels" and v["dtype"] != labels_dtype:
+                raise ArtifactError(
+                    f"{path}: input 'labels' is {v['dtype']}, but config.labels is {art.config['labels']!r} "
+                    f"({labels_dtype}): the model is from another build; rebuild the artifacts"
+                )
+
+
 def load_artifacts(folder: str | Path, verify: bool = True, needs: tuple[str, ...] = ()) -> Artifacts:
     """Read and check ``folder/manifest.json``; ``needs`` lists files the caller will open.
 
@@ -175,9 +300,9 @@ def load_artifacts(folder: str | Path, verify: bool = True, needs: tuple[str, ..
     if not mpath.is_file():
         raise ArtifactError(f"{folder} has no manifest.json; is it an artifact folder? (python -m graphgen build --out {folder})")
     try:
-        manifest = json.loads(mpath.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mpath} is not valid JSON: {e}") from None
+        if mpath.stat().st_size > 64 << 20:
+            raise ArtifactError(f"{mpath} is {mpath.stat().st_size:,} bytes; a manifest is a few hundred KiB at most")
+        manifest = loads_limited(mpath.read_bytes(), str(mpath), ArtifactError)
     except OSError as e:
         raise ArtifactError(f"{mpath} cannot be read: {e.strerror or e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import Artifacts, check_weights, load_artifacts
+from .artifacts import Artifacts, check_models, check_weights, load_artifacts
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .errors import CheckpointError, InputError, RuntimeUnavailable
+from .errors import CheckpointError, InputError, OutOfMemory, RuntimeUnavailable
 from .ort_env import import_onnxruntime
 from .hp import check_hp
 from .validate import check_labels, check_tokens
@@ -31,6 +31,14 @@ REGISTRY: dict[str, str] = {
     "reference": "runtimes.reference:ReferenceRuntime",
 }
 DEVICES = ("cpu", "cuda")
+
+# How the allocators report exhaustion: Python/NumPy raise MemoryError; onnxruntime
+# raises its own RuntimeException (CPU arena, std::bad_alloc, CUDA) with one of these.
+_OOM_MARKS = ("failed to allocate", "bad_alloc", "bad allocation", "out of memory", "cudaerrormemoryallocation")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or any(k in str(e).lower() for k in _OOM_MARKS)
 
 
 class Runtime:
@@ -54,22 +62,41 @@ class Runtime:
         tokens, positions, labels = self._batch(tokens, positions, labels)
         hp = check_hp(hp, self.step_count + 1)
         self._check_hp_supported(hp)
-        loss = self._step(tokens, positions, labels, hp)
+        loss = self._guard_memory(tokens.shape, "step", self._step, tokens, positions, labels, hp)
         self.step_count += 1
         return loss
 
     def loss(self, tokens, positions, labels) -> float:
         """Mean loss of a batch under the current parameters; no update."""
-        return self._loss(*self._batch(tokens, positions, labels))
+        tokens, positions, labels = self._batch(tokens, positions, labels)
+        return self._guard_memory(tokens.shape, "loss", self._loss, tokens, positions, labels)
 
     def gradients(self, tokens, positions, labels) -> dict[str, np.ndarray]:
         """d loss / d parameter for one batch under the current parameters; no update."""
-        return self._gradients(*self._batch(tokens, positions, labels))
+        tokens, positions, labels = self._batch(tokens, positions, labels)
+        return self._guard_memory(tokens.shape, "gradients", self._gradients, tokens, positions, labels)
 
     def logits(self, tokens, positions) -> np.ndarray:
         """(B, T, vocab) float32 logits under the current parameters."""
         tokens, positions = check_tokens(tokens, positions, self.art.config["vocab"], self.art.config["context"])
-        return self._logits(tokens, positions)
+        return self._guard_memory(tokens.shape, "logits", self._logits, tokens, positions)
+
+    def _guard_memory(self, shape, what: str, fn, *args):
+        """``fn(*args)``, with an allocation failure turned into OutOfMemory naming the batch.
+
+        Allocation fails in the forward and backward, whose activations grow with the
+        batch, before AdamW writes anything: the state is still the last step's."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            if not _out_of_memory(e):
+                raise
+            self._after_failed_run()
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise OutOfMemory(
+                f"{what} on a batch of {shape[0]}x{shape[1]} tokens did not fit in memory ({first}); nothing was "
+                f"applied and the state is unchanged (step {self.step_count}): use a smaller batch or sequence"
+            ) from None
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Copies of every parameter, in manifest order."""
@@ -115,6 +142,9 @@ class Runtime:
 
     def _gradients(self, tokens, positions, labels) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def _after_failed_run(self) -> None:
+        """Backends that accumulate across calls (gradient buffers) clear what a failed run left."""
 
     def _check_hp_supported(self, hp: np.ndarray) -> None:
         """Backends with hyperparameters fixed at build time reject others here."""
@@ -180,6 +210,7 @@ def load(artifacts: str | Path, runtime: str = "ort-training", device: str = "cp
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads must be a positive integer or None, got {threads!r}")
     art = load_artifacts(artifacts, verify=verify, needs=cls.needs)
+    check_models(art)  # before any session reads a model
     return cls(art, device=device, threads=threads)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -36,7 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, OutputError
+from .artifacts import artifact_folder_holding
+from .errors import CheckpointError, InputError, OutputError
+from .jsonlimits import dumps_strict, loads_limited
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: new files get 0666 & ~umask, like open() would give them
@@ -94,10 +95,21 @@ def _write_failed(path: Path, e: OSError) -> OutputError:
     return OutputError(f"could not write {path}: {why}; {kept}{hint}")
 
 
+def refuse_artifact_folder(path: Path, what: str = "") -> None:
+    """OutputError when ``path`` is an artifact folder or lies inside one (see artifact_folder_holding)."""
+    art = artifact_folder_holding(path)
+    if art is not None:
+        raise OutputError(
+            f"{what or 'will not write'} {path}: it is inside the artifact folder {art}, which runners only read "
+            f"(a file written there would break its manifest); choose an output path outside it"
+        )
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically (see the module docstring); OutputError on failure."""
     path = Path(path)
     folder = path.parent
+    refuse_artifact_folder(path)
     _remove_stale_temps(folder, path.name)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
@@ -154,7 +166,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "step": str(ckpt.step),
         "artifacts": ckpt.artifacts,
         "fingerprint": ckpt.fingerprint,
-        "extra": json.dumps(ckpt.extra),
+        "extra": dumps_strict(ckpt.extra, "checkpoint extra", InputError),
         "tensors_sha256": _tensors_sha256(tensors),
     }
     write_atomic(Path(path), save(tensors, metadata=meta))
@@ -178,7 +190,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: checkpoint version {meta.get('version')!r}, this runner reads {VERSION}")
     try:
         step = int(meta["step"])
-        extra = json.loads(meta.get("extra", "{}"))
+        extra = loads_limited(meta.get("extra", "{}"), f"{path}: metadata 'extra'", CheckpointError)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: malformed metadata: {e}") from None
     if step < 0:

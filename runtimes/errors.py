@@ -33,6 +33,11 @@ class DataError(GPT2OnnxError, ValueError):
     """Training text is missing, empty, or too short for one batch."""
 
 
+class OutOfMemory(GPT2OnnxError, MemoryError):
+    """A batch did not fit in memory; the step was not applied (parameters and step count
+    unchanged). A smaller batch or sequence length fits."""
+
+
 class RuntimeUnavailable(GPT2OnnxError):
     """The requested runtime or device is not available in this environment."""
 

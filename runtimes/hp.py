@@ -55,6 +55,9 @@ def make_hp(lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e
                          f"eps={eps!r} weight_decay={weight_decay!r}") from None
     _check_values(values, lambda i, name: name)
     lr, beta1, beta2, eps, weight_decay = values
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not float(np.float32(b)) < 1.0:  # the vector is float32: the bias correction would divide by 0
+            raise InputError(f"{name} = {b!r} becomes 1.0 in float32, outside its range [0, 1) (see runtimes.hp.check_hp)")
     step = int(step)
     # The corrections use the betas the vector carries (float32), so that they agree
     # with the graph's own 1 - beta: at t = 1, (1 - b1) * beta1h is then 1 to within
@@ -77,7 +80,7 @@ def check_hp(hp, step: int) -> np.ndarray:
 
     Raises InputError naming the element, its value and the allowed range.
     """
-    if not isinstance(hp, np.ndarray):
+    if not isinstance(hp, np.ndarray) or isinstance(hp, np.ma.MaskedArray):
         raise InputError(f"hp must be a numpy float32 array of 7, got {type(hp).__name__}")
     if hp.dtype != np.float32:
         raise InputError(f"hp must be float32, got {hp.dtype} (use runtimes.make_hp)")

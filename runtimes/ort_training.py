@@ -91,6 +91,12 @@ class OrtTrainingRuntime(Runtime):
         self._module.lazy_reset_grad()
         return float(loss)
 
+    def _after_failed_run(self) -> None:
+        try:  # gradients accumulate across calls until reset: a failed call must not leak into the next
+            self._module.lazy_reset_grad()
+        except Exception:
+            pass
+
     def _loss(self, tokens, positions, labels) -> float:
         self._module.eval()
         try:
@@ -132,10 +138,20 @@ class OrtTrainingRuntime(Runtime):
                 f"this checkpoint was written by runtime {ckpt.runtime!r} and holds no ONNX Runtime training state; "
                 "resume it with runtime='ort' (or --runtime ort), which restores parameters and moments from any checkpoint"
             )
+        state = read_ort_checkpoint(ckpt.native)  # CheckpointError when the blob is not one
+        if set(state.params) != set(self.art.param_names) or any(
+                state.params[n].shape != ckpt.params[n].shape for n in self.art.param_names):
+            raise CheckpointError(
+                f"the ONNX Runtime training state in this checkpoint holds other parameters than the artifacts "
+                f"({sorted(set(state.params) ^ set(self.art.param_names))[:5]} differ, or their shapes do)"
+            )
         fd, tmp = tempfile.mkstemp(prefix="ort-ckpt-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(ckpt.native)
-            self._open(tmp)
+            try:
+                self._open(tmp)
+            except Exception as e:  # onnxruntime's own error for a blob it cannot use
+                raise CheckpointError(f"the ONNX Runtime training state in this checkpoint cannot be loaded: {e}") from None
         finally:
             os.unlink(tmp)

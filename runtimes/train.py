@@ -4,11 +4,16 @@ Everything a run writes goes under ``--out``: ``log.jsonl`` (one JSON object per
 step: step, loss, lr, tokens_per_s, and val_loss where evaluated),
 ``checkpoint.safetensors`` (resumable: parameters, moments, step, the data
 sampler's state), ``weights.safetensors`` (the trained weights alone),
-``loss.png`` and ``sample.txt``.
+``loss.png``, ``sample.txt`` and ``summary.json``. Every one is written
+atomically (a temporary file in the folder, renamed over the target), so a
+symbolic link planted in ``--out`` is replaced, never followed; nothing is
+written anywhere else. A run holds ``--out/.lock`` for its whole life (see
+runlock.py): a second run on the same folder is refused with the holder's PID.
 
 Order of checks, all before the first step: options, the artifact manifest,
 the data (DataError when empty or shorter than one sequence), the output folder
-(OutputError when it cannot be created or written, or its disk has less free
+(OutputError when it is, or lies inside, an artifact folder, when it cannot be
+created or written, when another run holds it, or when its disk has less free
 space than a checkpoint, the weights and the log need), then the runtime and,
 on resume, the checkpoint and the sampler state.
 
@@ -43,10 +48,12 @@ import numpy as np
 
 from . import base
 from .artifacts import Artifacts, load_artifacts
-from .checkpoint import write_atomic
+from .checkpoint import refuse_artifact_folder, write_atomic
 from .data import BatchSampler, decode, dense_labels, encode, fixed_batches, load_tokens, train_val_split
 from .errors import DataError, GPT2OnnxError, InputError, OutputError, TrainingDiverged
 from .hp import make_hp
+from .jsonlimits import loads_limited
+from .runlock import RunLock
 
 
 DEFAULT_SEQ = 64
@@ -131,11 +138,13 @@ def _prepare_out(out: Path, art: Artifacts | None = None, opts: TrainOptions | N
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink()
     except OSError as e:
         raise OutputError(f"--out {out} is not a writable folder: {e.strerror or e}") from None
     if art is not None and opts is not None:
@@ -177,7 +186,10 @@ def sample_text(rt: base.Runtime, prompt: str, n_bytes: int, temperature: float 
 
 
 def _plot(log: list[dict], path: Path, start: tuple[int, float] | None = None) -> None:
-    """Train and validation loss per step; ``start`` is (step, val loss) before the first update."""
+    """Train and validation loss per step; ``start`` is (step, val loss) before the first update.
+    Rendered in memory and written atomically, like every file of a run."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,8 +206,10 @@ def _plot(log: list[dict], path: Path, start: tuple[int, float] | None = None) -
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    write_atomic(path, png.getvalue())
 
 
 def train(opts: TrainOptions, echo=print) -> dict:
@@ -221,120 +235,124 @@ def train(opts: TrainOptions, echo=print) -> dict:
     if cfg["labels"] == "dense":
         val_batches = [(t, p, dense_labels(l, cfg["vocab"])) for t, p, l in val_batches]
 
+    refuse_artifact_folder(out, "--out")
     _prepare_out(out, art, opts)
+    with RunLock(out):  # one writer per run folder, released on any exit
 
-    if opts.resume:
-        rt = base.resume(opts.resume, runtime=opts.runtime, device=opts.device, threads=opts.threads,
-                         artifacts=opts.artifacts)
-    else:
-        rt = base.load(opts.artifacts, opts.runtime, opts.device, opts.threads)
-    if opts.resume and "sampler" in rt.resumed_extra:
-        sampler.load_state_dict(rt.resumed_extra["sampler"])
-    ckpt_path = out / CHECKPOINT_NAME
-    last_good = (str(opts.resume), rt.step_count) if opts.resume else None
+        if opts.resume:
+            rt = base.resume(opts.resume, runtime=opts.runtime, device=opts.device, threads=opts.threads,
+                             artifacts=opts.artifacts)
+        else:
+            rt = base.load(opts.artifacts, opts.runtime, opts.device, opts.threads)
+        if opts.resume and "sampler" in rt.resumed_extra:
+            sampler.load_state_dict(rt.resumed_extra["sampler"])
+        ckpt_path = out / CHECKPOINT_NAME
+        last_good = (str(opts.resume), rt.step_count) if opts.resume else None
 
-    def where_good() -> str:
-        if last_good is None:
-            return (f"no checkpoint was written yet (the first is due at step {opts.checkpoint_every}); "
-                    f"start again with a lower --lr")
-        return f"the last good checkpoint is {last_good[0]} (step {last_good[1]}); continue with --resume {last_good[0]} and a lower --lr"
+        def where_good() -> str:
+            if last_good is None:
+                return (f"no checkpoint was written yet (the first is due at step {opts.checkpoint_every}); "
+                        f"start again with a lower --lr")
+            return f"the last good checkpoint is {last_good[0]} (step {last_good[1]}); continue with --resume {last_good[0]} and a lower --lr"
 
-    def val_loss() -> float:
-        v = float(np.mean([rt.loss(*b) for b in val_batches]))
-        if not math.isfinite(v):
-            raise TrainingDiverged(f"validation loss became {v} at step {rt.step_count}; {where_good()}")
-        return v
+        def val_loss() -> float:
+            v = float(np.mean([rt.loss(*b) for b in val_batches]))
+            if not math.isfinite(v):
+                raise TrainingDiverged(f"validation loss became {v} at step {rt.step_count}; {where_good()}")
+            return v
 
-    def checkpoint() -> None:
-        nonlocal last_good
-        bad = _nonfinite(rt)
-        if bad:
-            raise TrainingDiverged(
-                f"{bad} became NaN or infinite by step {rt.step_count} (the loss was still finite: a gradient "
-                f"or update overflowed); no checkpoint written for it; {where_good()}"
-            )
-        rt.save(ckpt_path, extra={"sampler": sampler.state_dict(), "options": asdict(opts)})
-        last_good = (str(ckpt_path), rt.step_count)
+        def checkpoint() -> None:
+            nonlocal last_good
+            bad = _nonfinite(rt)
+            if bad:
+                raise TrainingDiverged(
+                    f"{bad} became NaN or infinite by step {rt.step_count} (the loss was still finite: a gradient "
+                    f"or update overflowed); no checkpoint written for it; {where_good()}"
+                )
+            rt.save(ckpt_path, extra={"sampler": sampler.state_dict(), "options": asdict(opts)})
+            last_good = (str(ckpt_path), rt.step_count)
 
-    log_path = out / "log.jsonl"
-    log: list[dict] = []
-    if opts.resume and log_path.exists():
+        log_path = out / "log.jsonl"
+        log: list[dict] = []
+        if opts.resume and log_path.exists():
+            try:
+                log = [loads_limited(line, "log line", ValueError) for line in log_path.read_text().splitlines() if line.strip()]
+            except (OSError, ValueError):
+                log = []  # a damaged log is not worth failing the resume for; it restarts here
+            log = [r for r in log if isinstance(r, dict) and r.get("step", math.inf) <= rt.step_count]
+        # A resumed run keeps the log up to its checkpoint; rewritten atomically, then appended to.
+        write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in log).encode())
+        stop = min(opts.steps, opts.stop_after or opts.steps)
+        echo(
+            f"training {rt.art.folder} on {opts.runtime}/{opts.device}: {len(train_ids):,} train bytes, "
+            f"{len(val_ids):,} validation bytes, batch {opts.batch}x{seq}, steps {rt.step_count + 1}..{stop}"
+            + (f" (of {opts.steps})" if stop < opts.steps else "")
+        )
+        start_step, first_val = rt.step_count, val_loss()
+        echo(f"validation loss at step {rt.step_count}: {first_val:.4f}")
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=stop, initial=min(rt.step_count, stop), disable=not opts.progress, unit="step", dynamic_ncols=True)
+        t_start = time.perf_counter()
+        tokens_done = 0
+        last_val = None
         try:
-            log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        except (OSError, ValueError):
-            log = []  # a damaged log is not worth failing the resume for; it restarts here
-        log = [r for r in log if isinstance(r, dict) and r.get("step", math.inf) <= rt.step_count]
-    # A resumed run keeps the log up to its checkpoint; rewritten atomically, then appended to.
-    write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in log).encode())
-    stop = min(opts.steps, opts.stop_after or opts.steps)
-    echo(
-        f"training {rt.art.folder} on {opts.runtime}/{opts.device}: {len(train_ids):,} train bytes, "
-        f"{len(val_ids):,} validation bytes, batch {opts.batch}x{seq}, steps {rt.step_count + 1}..{stop}"
-        + (f" (of {opts.steps})" if stop < opts.steps else "")
-    )
-    start_step, first_val = rt.step_count, val_loss()
-    echo(f"validation loss at step {rt.step_count}: {first_val:.4f}")
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=stop, initial=min(rt.step_count, stop), disable=not opts.progress, unit="step", dynamic_ncols=True)
-    t_start = time.perf_counter()
-    tokens_done = 0
-    last_val = None
-    try:
-        with open(log_path, "a") as logf:
-            while rt.step_count < stop:
-                t = rt.step_count + 1
-                batch = sampler.next()
-                if cfg["labels"] == "dense":
-                    batch = (batch[0], batch[1], dense_labels(batch[2], cfg["vocab"]))
-                lr = lr_at(t, opts)
-                hp = make_hp(lr, cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"], step=t)
-                t0 = time.perf_counter()
-                try:
-                    loss = rt.step(*batch, hp)
-                except TrainingDiverged as e:  # ort / reference: the parameters were not updated
-                    raise TrainingDiverged(f"{e}; {where_good()}") from None
-                dt = time.perf_counter() - t0
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(f"loss became {loss} at step {t}; {where_good()}")
-                tokens_done += batch[0].size
-                row = {"step": t, "loss": loss, "lr": lr, "tokens_per_s": batch[0].size / dt if dt > 0 else None}
-                if t % opts.eval_every == 0 or t == opts.steps:
-                    row["val_loss"] = val_loss()
-                log.append(row)
-                logf.write(json.dumps(row) + "\n")
-                logf.flush()
-                last_val = row.get("val_loss", last_val)
-                shown = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_done / (time.perf_counter() - t_start):.0f}"}
-                bar.set_postfix(shown, **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
-                bar.update(1)
-                if t % opts.checkpoint_every == 0 or t == stop:
-                    checkpoint()
-        elapsed = time.perf_counter() - t_start
-        rt.export_weights(out / "weights.safetensors")
-        _plot(log, out / "loss.png", start=(start_step, first_val))
-        final_val = (log[-1]["val_loss"] if "val_loss" in log[-1] else val_loss()) if log else first_val
-        summary = {
-            "steps": rt.step_count,
-            "first_val_loss": first_val,
-            "final_val_loss": final_val,
-            "seconds": elapsed,
-            "tokens_per_s": tokens_done / elapsed if elapsed > 0 else None,
-            "out": str(out),
-        }
-        if opts.sample_bytes:
-            text = sample_text(rt, "def ", opts.sample_bytes, seed=opts.seed)
-            (out / "sample.txt").write_text(text)
-            summary["sample"] = text
-        with open(out / "summary.json", "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "sample"}, f, indent=1)
-    except OSError as e:  # log, plot, sample or summary (checkpoints raise OutputError themselves)
-        where = f"; the last good checkpoint is {last_good[0]} (step {last_good[1]})" if last_good else ""
-        raise OutputError(f"could not write to {out}: {e.strerror or e}{where}") from None
-    finally:
-        bar.close()
-    return summary
+            # O_NOFOLLOW: the log was just replaced atomically; a link planted since is refused, not followed
+            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "a") as logf:
+                while rt.step_count < stop:
+                    t = rt.step_count + 1
+                    batch = sampler.next()
+                    if cfg["labels"] == "dense":
+                        batch = (batch[0], batch[1], dense_labels(batch[2], cfg["vocab"]))
+                    lr = lr_at(t, opts)
+                    hp = make_hp(lr, cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"], step=t)
+                    t0 = time.perf_counter()
+                    try:
+                        loss = rt.step(*batch, hp)
+                    except TrainingDiverged as e:  # ort / reference: the parameters were not updated
+                        raise TrainingDiverged(f"{e}; {where_good()}") from None
+                    dt = time.perf_counter() - t0
+                    if not math.isfinite(loss):
+                        raise TrainingDiverged(f"loss became {loss} at step {t}; {where_good()}")
+                    tokens_done += batch[0].size
+                    row = {"step": t, "loss": loss, "lr": lr, "tokens_per_s": batch[0].size / dt if dt > 0 else None}
+                    if t % opts.eval_every == 0 or t == opts.steps:
+                        row["val_loss"] = val_loss()
+                    log.append(row)
+                    logf.write(json.dumps(row) + "\n")
+                    logf.flush()
+                    last_val = row.get("val_loss", last_val)
+                    shown = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_done / (time.perf_counter() - t_start):.0f}"}
+                    bar.set_postfix(shown, **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
+                    bar.update(1)
+                    if t % opts.checkpoint_every == 0 or t == stop:
+                        checkpoint()
+            elapsed = time.perf_counter() - t_start
+            rt.export_weights(out / "weights.safetensors")
+            _plot(log, out / "loss.png", start=(start_step, first_val))
+            final_val = (log[-1]["val_loss"] if "val_loss" in log[-1] else val_loss()) if log else first_val
+            summary = {
+                "steps": rt.step_count,
+                "first_val_loss": first_val,
+                "final_val_loss": final_val,
+                "seconds": elapsed,
+                "tokens_per_s": tokens_done / elapsed if elapsed > 0 else None,
+                "out": str(out),
+            }
+            if opts.sample_bytes:
+                text = sample_text(rt, "def ", opts.sample_bytes, seed=opts.seed)
+                write_atomic(out / "sample.txt", text.encode())
+                summary["sample"] = text
+            write_atomic(out / "summary.json",
+                         json.dumps({k: v for k, v in summary.items() if k != "sample"}, indent=1).encode())
+        except OSError as e:  # log, plot, sample or summary (checkpoints raise OutputError themselves)
+            where = f"; the last good checkpoint is {last_good[0]} (step {last_good[1]})" if last_good else ""
+            raise OutputError(f"could not write to {out}: {e.strerror or e}{where}") from None
+        finally:
+            bar.close()
+        return summary
 
 
 __all__ = ["TrainOptions", "train", "lr_at", "sample_text", "GPT2OnnxError"]

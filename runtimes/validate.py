@@ -8,7 +8,8 @@ Documented inputs (every other form is an InputError, and nothing runs):
 
 - tokens, positions: numpy arrays of any integer dtype (bool is not an integer),
   shape (B, T) with B >= 1 and 1 <= T <= context; token ids in [0, vocab),
-  positions in [0, context). Ranges are checked on the values as given, before
+  positions in [0, context). Masked arrays (np.ma) are refused: which value a
+  masked entry holds is the caller's choice to make. Ranges are checked on the values as given, before
   the conversion to int64, so a uint64 id of 2**63 is reported as itself.
 - labels, index mode: integer array of the tokens' shape, ids in [0, vocab).
 - labels, dense mode: float32 array (B, T, vocab), every entry finite and >= 0,
@@ -25,7 +26,15 @@ from .errors import InputError
 DENSE_SUM_TOL = 1e-3
 
 
+def refuse_masked(name: str, a) -> None:
+    """A masked array's range checks see the fill value while the runtime gets the data
+    underneath (a masked -1 would train as token 255): the caller must choose."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise InputError(f"{name} is a masked array; pass a plain numpy array ({name}.filled(value) chooses what masked entries hold)")
+
+
 def _int_array(name: str, a) -> np.ndarray:
+    refuse_masked(name, a)
     if not isinstance(a, np.ndarray):
         raise InputError(f"{name} must be a numpy integer array, got {type(a).__name__}")
     if not np.issubdtype(a.dtype, np.integer):
@@ -64,6 +73,7 @@ def check_tokens(tokens, positions, vocab: int, context: int) -> tuple[np.ndarra
 
 
 def check_labels(labels, shape: tuple[int, int], vocab: int, mode: str) -> np.ndarray:
+    refuse_masked("labels", labels)
     if not isinstance(labels, np.ndarray):
         raise InputError(f"labels must be a numpy array, got {type(labels).__name__}")
     if mode == "index":
