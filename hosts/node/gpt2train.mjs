@@ -10,19 +10,24 @@
 // Every public input is checked before anything runs; problems throw GPT2Error subclasses
 // whose message names the bad value and the allowed range.
 
-import { createHash } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, statSync, unlinkSync, writeSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import {
+  accessSync, closeSync, constants, existsSync, fsyncSync, lstatSync, openSync, readFileSync, realpathSync, renameSync, statSync,
+  unlinkSync, writeSync,
+} from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 
-import { mulberry32 } from '../web/lib.mjs';
+// The manifest checker and the ONNX external-data check are the page's: hosts/web/lib.mjs is
+// plain JS for browsers and Node alike, so both hosts refuse the same artifacts.
+import {
+  CONFIG_KEYS, HP_LAYOUT, MANIFEST_FORMAT, MANIFEST_VERSIONS, checkManifest, checkSelfContained, mulberry32,
+} from '../web/lib.mjs';
 
 const require = createRequire(import.meta.url);
 
-export const MANIFEST_FORMAT = 'gpt2-onnx-artifacts';
-export const SUPPORTED_VERSIONS = [2];  // 1: train_step.onnx with a racy ScatterND embedding gradient; rebuild
-export const CONFIG_KEYS = ['vocab', 'context', 'd_model', 'n_heads', 'd_ff', 'n_layers', 'seed', 'init', 'labels'];
-export const HP_LAYOUT = ['lr', 'beta1', 'beta2', 'eps', 'weight_decay', 'beta1h', 'beta2h'];
+export { CONFIG_KEYS, HP_LAYOUT, MANIFEST_FORMAT };
+export const SUPPORTED_VERSIONS = MANIFEST_VERSIONS; // 1 is retired: train_step.onnx with a racy ScatterND embedding gradient
 export const HP_RTOL = 1e-4; // as runtimes/hp.py
 export const DENSE_SUM_TOL = 1e-3; // as runtimes/validate.py
 
@@ -57,13 +62,15 @@ const numel = (shape) => shape.reduce((a, b) => a * b, 1);
 /**
  * Read a safetensors file: { tensors: {name: {dtype, shape, data}}, metadata }.
  * data is a typed array (a copy, properly aligned) of the dtype; little-endian hosts only.
+ * `buf`, when given, is the file's content already read (and verified) by the caller.
  */
-export function readSafetensors(file) {
-  let buf;
-  try {
-    buf = readFileSync(file);
-  } catch (e) {
-    throw new DataError(`cannot read ${file}: ${e.code === 'ENOENT' ? 'no such file' : e.message}`);
+export function readSafetensors(file, buf = undefined) {
+  if (buf === undefined) {
+    try {
+      buf = readFileSync(file);
+    } catch (e) {
+      throw new DataError(`cannot read ${file}: ${e.code === 'ENOENT' ? 'no such file' : e.message}`);
+    }
   }
   if (buf.length < 8) throw new DataError(`${file}: ${buf.length} bytes is too short for a safetensors file`);
   const hlen = Number(buf.readBigUInt64LE(0));
@@ -105,27 +112,110 @@ export function readSafetensors(file) {
   return { tensors, metadata };
 }
 
-/** Write `bytes` to `file` atomically: temp file in the same folder, fsync, rename. */
+/**
+ * Write `bytes` to `file` atomically: a new temp file in the same folder, fsync, rename over
+ * `file`, fsync the folder. Readers see the old file or the whole new one, never a part.
+ */
 export function writeFileAtomic(file, bytes) {
-  const dir = path.dirname(path.resolve(file));
+  const target = path.resolve(file);
+  const dir = path.dirname(target);
   if (!existsSync(dir)) throw new InputError(`cannot write ${file}: folder ${dir} does not exist`);
-  const tmp = path.join(dir, `.${path.basename(file)}.${process.pid}.tmp`);
+  let tmp;
   let fd;
   try {
-    fd = openSync(tmp, 'w');
+    // 'wx' (O_CREAT | O_EXCL) never opens an existing name, a planted symlink included, so the
+    // bytes land only in a file this call created; rename then replaces whatever is at `file`
+    // (a symlink itself, not its target).
+    for (let attempt = 1; fd === undefined; attempt++) {
+      tmp = path.join(dir, `.${path.basename(target)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+      try {
+        fd = openSync(tmp, 'wx', 0o644);
+      } catch (e) {
+        tmp = undefined;
+        if (e.code !== 'EEXIST' || attempt >= 8) throw e;
+      }
+    }
     let off = 0;
     while (off < bytes.length) off += writeSync(fd, bytes, off, bytes.length - off);
     fsyncSync(fd);
     closeSync(fd);
     fd = undefined;
-    renameSync(tmp, file);
+    renameSync(tmp, target);
+    tmp = undefined;
+    fsyncFolder(dir);
   } catch (e) {
     if (fd !== undefined) closeSync(fd);
-    try {
-      unlinkSync(tmp);
-    } catch {}
+    if (tmp !== undefined) {
+      try {
+        unlinkSync(tmp);
+      } catch {}
+    }
     throw e instanceof GPT2Error ? e : new InputError(`cannot write ${file}: ${e.message}`);
   }
+}
+
+/** fsync a folder, so a rename in it survives a crash (Windows cannot open folders; skipped there). */
+function fsyncFolder(dir) {
+  if (process.platform === 'win32') return;
+  const fd = openSync(dir, 'r');
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+const MANIFEST_MAX_BYTES = 64 << 20; // a manifest is a few hundred KiB; as runtimes/artifacts.py
+
+/** The artifact folder (manifest.json of this format) that real folder `dir` is or lies in, or null. */
+function artifactFolderHolding(dir) {
+  for (let d = dir; ; d = path.dirname(d)) {
+    const mpath = path.join(d, 'manifest.json');
+    try {
+      const st = statSync(mpath);
+      if (st.isFile() && st.size <= MANIFEST_MAX_BYTES && JSON.parse(readFileSync(mpath, 'utf8'))?.format === MANIFEST_FORMAT) return d;
+    } catch {}
+    if (path.dirname(d) === d) return null;
+  }
+}
+
+/**
+ * Check that the host may write `file`: its folder exists and is writable, it is not a folder
+ * itself, and it lies outside the artifact folder `artifacts` and any other (compared by real
+ * paths, so a symlinked folder cannot lead into one): artifacts stay exactly as built and
+ * hashed. Returns the absolute path.
+ */
+export function checkOutputPath(file, artifacts = undefined) {
+  const target = path.resolve(file);
+  const dir = path.dirname(target);
+  let realDir;
+  try {
+    realDir = realpathSync(dir);
+  } catch {
+    throw new InputError(`cannot write ${file}: folder ${dir} does not exist`);
+  }
+  if (!statSync(realDir).isDirectory()) throw new InputError(`cannot write ${file}: ${dir} is not a folder`);
+  try {
+    accessSync(realDir, constants.W_OK);
+  } catch {
+    throw new InputError(`cannot write ${file}: folder ${dir} is not writable`);
+  }
+  const realArt = artifacts === undefined ? undefined : realpathSync(artifacts);
+  let holder;
+  if (realArt !== undefined && (realDir === realArt || realDir.startsWith(realArt + path.sep))) {
+    holder = `${artifacts}${realArt !== path.resolve(artifacts) ? ` (${realArt})` : ''}`;
+  } else {
+    holder = artifactFolderHolding(realDir);
+  }
+  if (holder) {
+    throw new InputError(`cannot write ${file}: it is inside the artifact folder ${holder}, which the host never writes to; choose a path outside it`);
+  }
+  let st;
+  try {
+    st = lstatSync(target);
+  } catch {}
+  if (st?.isDirectory()) throw new InputError(`cannot write ${file}: it is a folder`);
+  return target;
 }
 
 /**
@@ -190,8 +280,12 @@ export function sha256File(file) {
 }
 
 /**
- * Read and check `folder/manifest.json`. `needs` lists the files the caller will open: each
- * must be listed in the manifest, present, of the listed size, with the listed sha256.
+ * Read and check `folder/manifest.json` (hosts/web/lib.mjs checkManifest: format, version,
+ * structure, consistency). `needs` lists the files the caller will open: each must be listed
+ * in the manifest, present, of the listed size, with the listed sha256, and each .onnx among
+ * them must keep all its data inside itself (no external data, which could point anywhere).
+ * Their verified bytes are kept for the caller: art.take(name) hands them over once, so the
+ * sessions run exactly what was checked.
  */
 export function loadArtifacts(folder, needs = []) {
   if (!existsSync(folder) || !statSync(folder).isDirectory()) {
@@ -199,42 +293,36 @@ export function loadArtifacts(folder, needs = []) {
   }
   const mpath = path.join(folder, 'manifest.json');
   if (!existsSync(mpath)) throw new ArtifactError(`${folder} has no manifest.json; is it an artifact folder? (python -m graphgen build --out ${folder})`);
+  const msize = statSync(mpath).size;
+  if (msize > MANIFEST_MAX_BYTES) throw new ArtifactError(`${mpath} is ${msize} bytes; a manifest is a few hundred KiB at most`);
   let manifest;
   try {
     manifest = JSON.parse(readFileSync(mpath, 'utf8'));
   } catch (e) {
     throw new ArtifactError(`${mpath} is not valid JSON: ${e.message}`);
   }
-  if (manifest === null || typeof manifest !== 'object' || manifest.format !== MANIFEST_FORMAT) {
-    throw new ArtifactError(`${mpath}: not a ${MANIFEST_FORMAT} manifest (format=${JSON.stringify(manifest?.format)})`);
-  }
-  if (!SUPPORTED_VERSIONS.includes(manifest.format_version)) {
-    throw new ArtifactError(`${mpath}: format_version ${JSON.stringify(manifest.format_version)} is not one this host reads (${SUPPORTED_VERSIONS}); rebuild the artifacts`);
-  }
-  for (const key of ['config', 'parameters', 'files', 'models', 'hp']) {
-    if (!(key in manifest)) throw new ArtifactError(`${mpath}: missing key ${JSON.stringify(key)}`);
-  }
-  const missingCfg = CONFIG_KEYS.filter((k) => !(k in manifest.config));
-  if (missingCfg.length) throw new ArtifactError(`${mpath}: config lacks ${missingCfg.join(', ')}`);
-  if (manifest.hp.length !== 7 || JSON.stringify(manifest.hp.layout) !== JSON.stringify(HP_LAYOUT)) {
-    throw new ArtifactError(`${mpath}: hp layout ${JSON.stringify(manifest.hp.layout)} is not the one this host writes ${JSON.stringify(HP_LAYOUT)}`);
-  }
+  checkManifest(manifest, mpath, ArtifactError);
+  const verified = new Map();
   for (const name of needs) {
-    const info = manifest.files[name];
+    const info = Object.prototype.hasOwnProperty.call(manifest.files, name) ? manifest.files[name] : undefined;
     if (!info) throw new ArtifactError(`${folder}: manifest.json lists no file ${name}`);
     const file = path.join(folder, name);
     if (!existsSync(file)) throw new ArtifactError(`${folder}: file ${name} listed in manifest.json is missing`);
-    const size = statSync(file).size;
-    if (size !== info.bytes) throw new ArtifactError(`${file}: ${size} bytes, manifest.json says ${info.bytes} (truncated or replaced?)`);
-    const sha = sha256File(file);
+    let bytes;
+    try {
+      bytes = readFileSync(file);
+    } catch (e) {
+      throw new ArtifactError(`${file} cannot be read: ${e.message}`);
+    }
+    if (bytes.length !== info.bytes) throw new ArtifactError(`${file}: ${bytes.length} bytes, manifest.json says ${info.bytes} (truncated or replaced?)`);
+    const sha = createHash('sha256').update(bytes).digest('hex');
     if (sha !== info.sha256) {
       throw new ArtifactError(`${file}: sha256 ${sha} differs from manifest.json's ${info.sha256} (corrupted or from another build)`);
     }
+    if (name.endsWith('.onnx')) checkSelfContained(bytes, file, ArtifactError);
+    verified.set(name, bytes);
   }
   const params = manifest.parameters.map((p) => ({ name: p.name, shape: p.shape.slice(), dtype: p.dtype }));
-  for (const p of params) {
-    if (p.dtype !== 'float32') throw new ArtifactError(`${mpath}: parameter ${p.name} has dtype ${p.dtype}; this host trains float32 parameters`);
-  }
   return {
     folder,
     manifest,
@@ -242,12 +330,22 @@ export function loadArtifacts(folder, needs = []) {
     params,
     shapes: Object.fromEntries(params.map((p) => [p.name, p.shape])),
     file: (name) => path.join(folder, name),
+    /** The verified bytes of a file in `needs`, once (then dropped, so they are not held twice);
+     *  undefined for any other name. */
+    take(name) {
+      const bytes = verified.get(name);
+      verified.delete(name);
+      return bytes;
+    },
   };
 }
 
-/** weights.safetensors checked against the manifest: every parameter, float32, the manifest's shape. */
-export function loadWeights(art, file = art.file('weights.safetensors')) {
-  const { tensors } = readSafetensors(file);
+/** weights.safetensors (or `file`) checked against the manifest: every parameter, float32, the
+ *  manifest's shape. The artifacts' own file is parsed from the bytes loadArtifacts verified. */
+export function loadWeights(art, file = undefined) {
+  const verified = art.take?.('weights.safetensors'); // taken even when `file` replaces it: not held twice
+  file ??= art.file('weights.safetensors');
+  const { tensors } = readSafetensors(file, file === art.file('weights.safetensors') ? verified : undefined);
   const out = {};
   const missing = art.params.filter((p) => !(p.name in tensors)).map((p) => p.name);
   if (missing.length) throw new ArtifactError(`${file}: missing parameters ${missing.slice(0, 5).join(', ')}${missing.length > 5 ? '...' : ''}`);
@@ -411,7 +509,7 @@ export class PortableTrainer {
   /** @param {string} folder artifact folder; opts.threads: intra-op threads; opts.weights: a safetensors file to start from */
   static async create(folder, opts = {}) {
     const art = loadArtifacts(folder, PortableTrainer.NEEDS);
-    const weights = loadWeights(art, opts.weights ?? art.file('weights.safetensors'));
+    const weights = loadWeights(art, opts.weights);
     const ort = await onnxruntimeNode();
     const so = {
       graphOptimizationLevel: 'all',
@@ -420,7 +518,8 @@ export class PortableTrainer {
       extra: { session: { set_denormal_as_zero: '1' } },
     };
     if (opts.threads) so.intraOpNumThreads = opts.threads;
-    const session = await ort.InferenceSession.create(art.file('train_step.onnx'), so);
+    // From the verified bytes, not the path: the session runs what loadArtifacts checked.
+    const session = await ort.InferenceSession.create(art.take('train_step.onnx'), so);
     return new PortableTrainer(art, ort, session, weights);
   }
 
@@ -492,6 +591,7 @@ export class PortableTrainer {
 
   /** Trained weights as safetensors, same keys/shapes/dtype as weights.safetensors. */
   async save(file) {
+    checkOutputPath(file, this.art.folder);
     saveSafetensors(file, await this.parameters(), this.art.shapes, { step: String(this.stepCount), host: 'node', runtime: 'onnxruntime-node' });
   }
 
@@ -528,7 +628,7 @@ export class TrainingSetTrainer {
     const art = loadArtifacts(folder, TrainingSetTrainer.NEEDS);
     const weights = loadWeights(art);
     const ort = onnxruntimeWebTraining();
-    const bytes = (name) => new Uint8Array(readFileSync(art.file(name)));
+    const bytes = (name) => new Uint8Array(art.take(name));
     let session;
     try {
       session = await ort.TrainingSession.create({
@@ -636,6 +736,7 @@ export class TrainingSetTrainer {
   }
 
   async save(file) {
+    checkOutputPath(file, this.art.folder);
     saveSafetensors(file, await this.parameters(), this.art.shapes, { step: String(this.stepCount), host: 'node', runtime: 'onnxruntime-web-training' });
   }
 

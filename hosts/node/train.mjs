@@ -2,14 +2,14 @@
 // Train gpt2-onnx-train artifacts from Node.js.
 //
 //   node hosts/node/train.mjs --artifacts DIR --steps N [--lr 1e-3] [--batch B] [--seq T]
-//        [--seed S] [--data FILE | --batches FILE] [--out weights.safetensors]
+//        [--seed S] [--data FILE | --batches FILE] [--out FILE]
 //        [--training-set] [--threads K]
 //
-// Prints `step N loss X` per step and saves the trained weights as safetensors (the layout
-// of weights.safetensors). Bad input: one `error: ...` line on stderr, exit status 2.
+// Prints `step N loss X` per step and, with --out, saves the trained weights as safetensors
+// (the layout of weights.safetensors), atomically and never inside the artifact folder.
+// Without --out nothing is written. Bad input: one `error: ...` line on stderr, exit status 2.
 
 import { existsSync, readFileSync, statSync } from 'node:fs';
-import path from 'node:path';
 
 import {
   DataError,
@@ -18,6 +18,7 @@ import {
   ORT_DEFAULT_LR,
   PortableTrainer,
   TrainingSetTrainer,
+  checkOutputPath,
   denseLabels,
   loadArtifacts,
   makeHp,
@@ -37,7 +38,8 @@ const USAGE = `usage: node train.mjs --artifacts DIR [--steps N] [--lr LR] [--ba
   --data FILE       train on this file's bytes (byte tokens)
   --batches FILE    train on batches written by python -m runtimes.batchfile
                     (neither: seeded random tokens)
-  --out FILE        trained weights, safetensors (default weights.safetensors)
+  --out FILE        save the trained weights here, safetensors (default: not saved);
+                    replaced atomically, and never inside the artifact folder
   --training-set    run the ORT training set through onnxruntime-web 1.19.2
                     instead of train_step.onnx through onnxruntime-node
   --threads K       intra-op threads for onnxruntime-node`;
@@ -106,12 +108,9 @@ async function main(argv) {
   if (o.trainingSet && o.threads !== undefined) throw new InputError('--threads applies to onnxruntime-node; the --training-set (onnxruntime-web) path runs one thread');
   if (!o.batches && o.steps === undefined) throw new InputError('--steps N is required (unless --batches, which runs every batch in the file)');
 
-  const out = path.resolve(o.out ?? 'weights.safetensors');
   const art = loadArtifacts(o.artifacts); // cheap checks first; the trainer verifies the files it opens
-  if (out === path.resolve(art.file('weights.safetensors'))) {
-    throw new InputError(`--out ${o.out ?? 'weights.safetensors'} would overwrite the artifacts' initial weights; choose another path`);
-  }
-  if (!existsSync(path.dirname(out))) throw new InputError(`--out ${out}: folder ${path.dirname(out)} does not exist`);
+  // No default output file: a default name in the working folder would replace whatever has it.
+  const out = o.out === undefined ? undefined : checkOutputPath(o.out, o.artifacts);
   const cfg = art.config;
 
   // Batches and hp first: a bad batch file fails before any session is created.
@@ -151,8 +150,12 @@ async function main(argv) {
     const loss = await trainer.step(b.tokens, b.positions, labels, hp);
     console.log(`step ${s} loss ${loss}`);
   }
-  await trainer.save(out);
-  console.log(`saved ${art.params.length} tensors after ${steps} steps to ${out}`);
+  if (out !== undefined) {
+    await trainer.save(out);
+    console.log(`saved ${art.params.length} tensors after ${steps} steps to ${out}`);
+  } else {
+    console.log(`trained ${steps} steps; weights not saved (give --out FILE to keep them)`);
+  }
   await trainer.release();
   return 0;
 }

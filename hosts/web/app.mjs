@@ -14,8 +14,8 @@
 // sample is shown), window.sample = {tokens, promptLength, text}, window.trainError (message) on failure.
 
 import {
-  argmax, batchAt, byteSampler, checkHp, denseLabels, makeHp, parseSafetensors, readBatches,
-  readManifest, sampleLogits, sha256Hex, trainStepInputs, weightsFor, mulberry32,
+  argmax, batchAt, byteSampler, checkHp, checkSelfContained, denseLabels, makeHp, parseSafetensors,
+  readBatches, readManifest, sampleLogits, sha256Hex, trainStepInputs, weightsFor, mulberry32,
 } from './lib.mjs';
 
 const $ = (id) => document.getElementById(id);
@@ -73,17 +73,19 @@ async function fetchOk(url) {
 }
 const fetchBytes = async (url) => new Uint8Array(await (await fetchOk(url)).arrayBuffer());
 
+/** A file of the artifact folder, checked against the manifest (readManifest checked the entry's
+ *  form); an ONNX model must also hold all its data (checkSelfContained), before any session. */
 async function verified(base, name, files) {
-  const bytes = await fetchBytes(`${base}/${name}`);
+  if (!Object.prototype.hasOwnProperty.call(files, name)) throw new Error(`${base}/manifest.json lists no file ${name}`);
   const entry = files[name];
-  if (entry) {
-    if (Number.isInteger(entry.bytes) && entry.bytes !== bytes.byteLength) {
-      throw new Error(`${name}: ${bytes.byteLength} bytes, the manifest says ${entry.bytes}`);
-    }
-    const digest = entry.sha256 ? await sha256Hex(bytes) : null;
-    if (entry.sha256 && digest === null) console.warn(`${name}: not a secure context (no WebCrypto); sha256 not checked`);
-    if (digest && digest !== entry.sha256) throw new Error(`${name}: sha256 ${digest} does not match the manifest's ${entry.sha256}`);
+  const bytes = await fetchBytes(`${base}/${name}`);
+  if (entry.bytes !== bytes.byteLength) {
+    throw new Error(`${name}: ${bytes.byteLength} bytes, the manifest says ${entry.bytes}`);
   }
+  const digest = await sha256Hex(bytes);
+  if (digest === null) console.warn(`${name}: not a secure context (no WebCrypto); sha256 not checked`);
+  if (digest !== null && digest !== entry.sha256) throw new Error(`${name}: sha256 ${digest} does not match the manifest's ${entry.sha256}`);
+  if (name.endsWith('.onnx')) checkSelfContained(bytes, `${base}/${name}`);
   return bytes;
 }
 

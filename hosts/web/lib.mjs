@@ -1,5 +1,6 @@
 // Pure helpers for the browser host (no DOM, no onnxruntime): safetensors, manifest checks,
-// the hyperparameter vector, batch files, a seeded batch sampler. Runs in browsers and Node.
+// the ONNX external-data check, the hyperparameter vector, batch files, a seeded batch sampler.
+// Runs in browsers and Node (hosts/node imports its checks from here).
 
 const DTYPES = {
   F32: { size: 4, array: Float32Array },
@@ -67,32 +68,272 @@ export function parseSafetensors(buffer, what = 'safetensors file') {
   return { tensors, metadata };
 }
 
-/** Check manifest.json's format and return what the page needs from it. */
+// ----------------------------------------------------------------------- manifest.json
+// The one manifest checker of the JavaScript hosts: the page and hosts/node both call it, and it
+// refuses what runtimes/artifacts.py (load_artifacts, _check_manifest) refuses.
+
+export const MANIFEST_FORMAT = 'gpt2-onnx-artifacts';
+export const MANIFEST_VERSIONS = [2];
+const RETIRED_VERSIONS = new Map([
+  [1, 'its train_step.onnx computes wrong embedding gradients on onnxruntime with 2+ threads (ScatterND add races on repeated tokens)'],
+]);
+export const CONFIG_KEYS = ['vocab', 'context', 'd_model', 'n_heads', 'd_ff', 'n_layers', 'seed', 'init', 'labels'];
+const CONFIG_SIZES = ['vocab', 'context', 'd_model', 'n_heads', 'd_ff', 'n_layers'];
+export const HP_LAYOUT = ['lr', 'beta1', 'beta2', 'eps', 'weight_decay', 'beta1h', 'beta2h'];
+
+const isObject = (x) => x !== null && typeof x === 'object' && !Array.isArray(x);
+const kindOf = (x) => (x === null ? 'null' : Array.isArray(x) ? 'list' : typeof x);
+const own = (obj, key) => Object.prototype.hasOwnProperty.call(obj, key);
+/** A value for an error message: JSON, cut to a readable length. */
+function show(x) {
+  let s;
+  try {
+    s = JSON.stringify(x);
+  } catch {
+    s = undefined;
+  }
+  if (s === undefined) s = String(x);
+  return s.length > 120 ? `${s.slice(0, 117)}...` : s;
+}
+
+/**
+ * Whether a manifest file name could leave the artifact folder: absolute (POSIX, Windows
+ * drive or UNC), or with a ".." segment (either separator, as a browser URL would read it).
+ */
+function escapesFolder(name) {
+  return name === '' || /^[/\\]/.test(name) || /^[A-Za-z]:/.test(name) || name.includes('\0') || name.split(/[/\\]/).includes('..');
+}
+
+/**
+ * Check a parsed manifest.json: format, version, the type of every key the hosts read, and
+ * internal consistency (parameter shapes vs config, file entries). Throws `new Err(message)`
+ * naming `where` and the bad value; returns the manifest.
+ */
+export function checkManifest(manifest, where = 'manifest.json', Err = Error) {
+  if (!isObject(manifest)) throw new Err(`${where}: not a ${MANIFEST_FORMAT} manifest (its JSON is a ${kindOf(manifest)}, not an object)`);
+  if (manifest.format !== MANIFEST_FORMAT) throw new Err(`${where}: not a ${MANIFEST_FORMAT} manifest (format=${show(manifest.format)})`);
+  const version = manifest.format_version;
+  if (RETIRED_VERSIONS.has(version)) {
+    throw new Err(`${where}: format_version ${version} is retired: ${RETIRED_VERSIONS.get(version)}; rebuild the artifacts (python -m graphgen build, or make artifacts)`);
+  }
+  if (!MANIFEST_VERSIONS.includes(version)) {
+    throw new Err(`${where}: format_version ${show(version)} is not one this host reads (${MANIFEST_VERSIONS.join(', ')}); rebuild the artifacts`);
+  }
+  const bad = (what) => {
+    throw new Err(`${where}: ${what}; the manifest is damaged or from another version (rebuild the artifacts)`);
+  };
+  for (const [key, kind] of [['config', 'object'], ['parameters', 'list'], ['files', 'object'], ['models', 'object'], ['hp', 'object']]) {
+    if (!own(manifest, key)) bad(`missing key "${key}"`);
+    if (kindOf(manifest[key]) !== kind) bad(`"${key}" is ${show(manifest[key])} (a ${kindOf(manifest[key])}), expected ${kind === 'list' ? 'a list' : 'an object'}`);
+  }
+  const cfg = manifest.config;
+  const missing = CONFIG_KEYS.filter((k) => !own(cfg, k));
+  if (missing.length) throw new Err(`${where}: config lacks ${missing.join(', ')}`);
+  for (const k of CONFIG_SIZES) {
+    if (!Number.isInteger(cfg[k]) || cfg[k] < 1) bad(`config.${k} = ${show(cfg[k])}, expected an integer >= 1`);
+  }
+  if (cfg.labels !== 'index' && cfg.labels !== 'dense') bad(`config.labels = ${show(cfg.labels)}, expected "index" or "dense"`);
+  // The AdamW constants the hosts build hp from (optional: a caller may give its own).
+  for (const [k, ok, range] of [
+    ['beta1', (v) => v >= 0 && v < 1, 'in [0, 1)'],
+    ['beta2', (v) => v >= 0 && v < 1, 'in [0, 1)'],
+    ['eps', (v) => v > 0, '> 0'],
+    ['weight_decay', (v) => v >= 0, '>= 0'],
+  ]) {
+    if (own(cfg, k) && !(typeof cfg[k] === 'number' && Number.isFinite(cfg[k]) && ok(cfg[k]))) bad(`config.${k} = ${show(cfg[k])}, expected a number ${range}`);
+  }
+  const hp = manifest.hp;
+  if (!Array.isArray(hp.layout) || hp.layout.length !== HP_LAYOUT.length || !hp.layout.every((x, i) => x === HP_LAYOUT[i])
+      || hp.length !== HP_LAYOUT.length || hp.dtype !== 'float32') {
+    bad(`hp is ${show(hp.dtype)}[${show(hp.length)}] ${show(hp.layout)}, this host feeds float32[${HP_LAYOUT.length}] ${show(HP_LAYOUT)}`);
+  }
+  const names = new Set();
+  manifest.parameters.forEach((p, i) => {
+    if (!isObject(p) || typeof p.name !== 'string' || p.name === '' || !Array.isArray(p.shape)
+        || !p.shape.every((d) => Number.isInteger(d) && d >= 1) || p.dtype !== 'float32') {
+      bad(`parameters[${i}] = ${show(p)} is not {name, shape: [positive integers], dtype: "float32"}`);
+    }
+    if (names.has(p.name)) bad(`parameter ${show(p.name)} is listed twice`);
+    names.add(p.name);
+  });
+  if (names.size === 0) bad('lists no parameters');
+  const shapes = new Map(manifest.parameters.map((p) => [p.name, p.shape]));
+  for (const [name, keys] of [['wte', ['vocab', 'd_model']], ['wpe', ['context', 'd_model']]]) {
+    const got = shapes.get(name);
+    if (got && (got.length !== keys.length || got.some((d, i) => d !== cfg[keys[i]]))) {
+      const means = got.length === keys.length ? `, which means ${keys.map((k, i) => `${k}=${got[i]}`).join(', ')},` : '';
+      throw new Err(
+        `${where}: parameter ${name} has shape ${show(got)}${means} but config says ${keys.map((k) => `${k}=${cfg[k]}`).join(', ')} ` +
+          `(shape ${show(keys.map((k) => cfg[k]))}): the manifest is from another config`,
+      );
+    }
+  }
+  for (const [name, info] of Object.entries(manifest.files)) {
+    if (!isObject(info) || typeof info.sha256 !== 'string' || !Number.isInteger(info.bytes) || info.bytes < 0) {
+      bad(`files[${show(name)}] = ${show(info)} is not {sha256, bytes}`);
+    }
+    if (escapesFolder(name)) bad(`files lists ${show(name)}, which is outside the artifact folder`);
+  }
+  for (const [name, io] of Object.entries(manifest.models)) {
+    for (const side of ['inputs', 'outputs']) {
+      const list = isObject(io) ? io[side] : undefined;
+      if (!Array.isArray(list) || !list.every((x) => isObject(x) && typeof x.name === 'string')) {
+        bad(`models[${show(name)}].${side} = ${show(list)} is not a list of {name, ...}`);
+      }
+    }
+  }
+  return manifest;
+}
+
+/** Check manifest.json (checkManifest) and return what the page needs from it. */
 export function readManifest(manifest, where = 'manifest.json') {
-  if (!manifest || manifest.format !== 'gpt2-onnx-artifacts') {
-    throw new Error(`${where}: format is ${JSON.stringify(manifest && manifest.format)}, expected "gpt2-onnx-artifacts"`);
+  checkManifest(manifest, where);
+  return { config: manifest.config, params: manifest.parameters, files: manifest.files };
+}
+
+// ------------------------------------------------------------------ ONNX external data
+// A tensor in an ONNX model may keep its data in another file (TensorProto.data_location =
+// EXTERNAL, external_data {location, offset, length}); ONNX Runtime then reads that path,
+// relative to the model or absolute, wherever it points. The models of these artifacts are
+// self-contained, so the hosts refuse any model with external data before a session opens it.
+// No protobuf library: a bounded walk of the wire format, descending only into the messages
+// that can hold a tensor and skipping every other field by its length.
+
+// message kind -> {field number: [field name, message kind]}
+const ONNX_TENSOR_FIELDS = {
+  model: { 7: ['graph', 'graph'], 20: ['training_info', 'training_info'], 25: ['functions', 'function'] },
+  training_info: { 1: ['initialization', 'graph'], 2: ['algorithm', 'graph'] },
+  function: { 7: ['node', 'node'], 11: ['attribute_proto', 'attribute'] },
+  graph: { 1: ['node', 'node'], 5: ['initializer', 'tensor'], 15: ['sparse_initializer', 'sparse_tensor'] },
+  node: { 5: ['attribute', 'attribute'] },
+  attribute: {
+    5: ['t', 'tensor'], 6: ['g', 'graph'], 10: ['tensors', 'tensor'], 11: ['graphs', 'graph'],
+    22: ['sparse_tensor', 'sparse_tensor'], 23: ['sparse_tensors', 'sparse_tensor'],
+  },
+  sparse_tensor: { 1: ['values', 'tensor'], 2: ['indices', 'tensor'] },
+};
+const TENSOR_NAME = 8, TENSOR_EXTERNAL_DATA = 13, TENSOR_DATA_LOCATION = 14, DATA_LOCATION_EXTERNAL = 1;
+const ONNX_MAX_DEPTH = 100; // protobuf's own default recursion limit
+
+class ProtobufError extends Error {}
+
+/** A varint at bytes[pos]: [value, next position]. Values past 2^53 lose precision (only lengths
+ *  and field keys are used as numbers, and those are checked against the buffer). */
+function varint(bytes, pos, end) {
+  let value = 0;
+  let scale = 1;
+  for (let i = 0; i < 10; i++) {
+    if (pos >= end) throw new ProtobufError(`varint runs past the end of its message at byte ${pos}`);
+    const b = bytes[pos++];
+    value += (b & 0x7f) * scale;
+    if (b < 0x80) return [value, pos];
+    scale *= 128;
   }
-  if (manifest.format_version !== 2) {
-    throw new Error(`${where}: format_version ${JSON.stringify(manifest.format_version)} is not supported (this page reads 2; rebuild the artifacts)`);
+  throw new ProtobufError(`varint longer than 10 bytes at byte ${pos}`);
+}
+
+const utf8 = new TextDecoder('utf-8');
+
+/** Walk one message of `kind` in bytes[start, end); the first tensor with external data, or null. */
+function scanMessage(bytes, start, end, kind, path, depth) {
+  if (depth > ONNX_MAX_DEPTH) throw new ProtobufError(`messages nest deeper than ${ONNX_MAX_DEPTH} levels at byte ${start}`);
+  const isTensor = kind === 'tensor';
+  const fields = ONNX_TENSOR_FIELDS[kind];
+  let name = '';
+  let external = false;
+  let location;
+  let pos = start;
+  while (pos < end) {
+    const at = pos;
+    let key;
+    [key, pos] = varint(bytes, pos, end);
+    const field = Math.floor(key / 8);
+    const wire = key % 8;
+    if (field === 0) throw new ProtobufError(`field number 0 at byte ${at}`);
+    if (wire === 0) {
+      let value;
+      [value, pos] = varint(bytes, pos, end);
+      if (isTensor && field === TENSOR_DATA_LOCATION && value === DATA_LOCATION_EXTERNAL) external = true;
+    } else if (wire === 1 || wire === 5) {
+      pos += wire === 1 ? 8 : 4;
+    } else if (wire === 2) {
+      let len;
+      [len, pos] = varint(bytes, pos, end);
+      if (len > end - pos) throw new ProtobufError(`field ${field} at byte ${at} claims ${len} bytes, ${end - pos} remain in its message`);
+      const body = pos;
+      pos += len;
+      if (isTensor) {
+        if (field === TENSOR_NAME) name = utf8.decode(bytes.subarray(body, pos));
+        if (field === TENSOR_EXTERNAL_DATA) {
+          external = true;
+          const entry = stringEntry(bytes, body, pos);
+          if (entry.key === 'location') location = entry.value;
+        }
+      } else if (fields[field]) {
+        const [fname, next] = fields[field];
+        const found = scanMessage(bytes, body, pos, next, `${path}.${fname}`, depth + 1);
+        if (found) return found;
+      }
+    } else {
+      throw new ProtobufError(`wire type ${wire} (field ${field}) at byte ${at}, which ONNX models do not use`);
+    }
+    if (pos > end) throw new ProtobufError(`field ${field} at byte ${at} runs past the end of its message`);
   }
-  const cfg = manifest.config || {};
-  for (const k of ['vocab', 'context', 'd_model', 'n_layers']) {
-    if (!Number.isInteger(cfg[k]) || cfg[k] <= 0) throw new Error(`${where}: config.${k} is ${JSON.stringify(cfg[k])}`);
+  return external ? { name, path, location } : null;
+}
+
+/** StringStringEntryProto {key = 1, value = 2} in bytes[start, end). */
+function stringEntry(bytes, start, end) {
+  const out = { key: undefined, value: undefined };
+  let pos = start;
+  while (pos < end) {
+    const at = pos;
+    let key;
+    [key, pos] = varint(bytes, pos, end);
+    const field = Math.floor(key / 8);
+    const wire = key % 8;
+    if (wire === 0) {
+      [, pos] = varint(bytes, pos, end);
+    } else if (wire === 1 || wire === 5) {
+      pos += wire === 1 ? 8 : 4;
+    } else if (wire === 2) {
+      let len;
+      [len, pos] = varint(bytes, pos, end);
+      if (len > end - pos) throw new ProtobufError(`external_data field ${field} at byte ${at} claims ${len} bytes, ${end - pos} remain`);
+      const text = utf8.decode(bytes.subarray(pos, pos + len));
+      if (field === 1) out.key = text;
+      if (field === 2) out.value = text;
+      pos += len;
+    } else {
+      throw new ProtobufError(`wire type ${wire} at byte ${at} in an external_data entry`);
+    }
+    if (pos > end) throw new ProtobufError(`external_data field ${field} at byte ${at} runs past its entry`);
   }
-  if (cfg.labels !== 'index' && cfg.labels !== 'dense') {
-    throw new Error(`${where}: config.labels is ${JSON.stringify(cfg.labels)}, expected "index" or "dense"`);
+  return out;
+}
+
+/**
+ * Refuse an ONNX model (bytes of a .onnx file) that keeps any tensor's data outside itself:
+ * initializers, sparse initializers, tensor attributes (Constant) in the graph, its subgraphs,
+ * functions and training info. Throws `new Err(message)` naming `what` (the model file), the
+ * tensor and its external location; also for bytes that are not a well-formed protobuf message.
+ */
+export function checkSelfContained(bytes, what, Err = Error) {
+  const buf = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
+  let found;
+  try {
+    found = scanMessage(buf, 0, buf.byteLength, 'model', 'model', 0);
+  } catch (e) {
+    if (e instanceof ProtobufError) throw new Err(`${what}: not a well-formed ONNX model (${e.message})`);
+    throw e;
   }
-  const params = manifest.parameters;
-  if (!Array.isArray(params) || params.length === 0) throw new Error(`${where}: no parameters`);
-  for (const p of params) {
-    if (p.dtype !== 'float32') throw new Error(`${where}: parameter ${p.name} has dtype ${p.dtype}; expected float32`);
+  if (found) {
+    const where = found.location === undefined ? 'no location given' : `location ${show(found.location)}`;
+    throw new Err(
+      `${what}: tensor ${show(found.name)} (${found.path}) keeps its data in an external file (${where}); ` +
+        'the models of these artifacts hold all their data, so a model that reads other files is refused',
+    );
   }
-  const layout = manifest.hp && manifest.hp.layout;
-  const want = ['lr', 'beta1', 'beta2', 'eps', 'weight_decay', 'beta1h', 'beta2h'];
-  if (!Array.isArray(layout) || !sameShape(layout, want)) {
-    throw new Error(`${where}: hp.layout is ${JSON.stringify(layout)}, this page writes ${JSON.stringify(want)}`);
-  }
-  return { config: cfg, params, files: manifest.files || {} };
 }
 
 /** Every parameter of the manifest from a parsed weights file, checked, in manifest order. */

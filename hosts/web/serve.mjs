@@ -11,13 +11,21 @@
 // Every response carries COOP/COEP headers, so the page is cross-origin isolated and
 // onnxruntime-web may use its threaded wasm build. --port 0 picks a free port; the first
 // line printed is the page's URL.
+//
+// Only regular files are served, and only where their real path (symlinks resolved) lies
+// inside the real path of their folder: the mount's, or, under /artifacts/, the artifact
+// folder's (a subfolder holding a manifest.json, which may itself be a symlink: that is how
+// a folder of artifact folders is put together). A symlink that leads elsewhere is 404.
+// A --host that is not a loopback address gets a warning: the network can then read it all.
 
 import { createServer } from 'node:http';
-import { createReadStream, statSync, existsSync, readdirSync } from 'node:fs';
+import { closeSync, constants, createReadStream, existsSync, fstatSync, openSync, readdirSync, realpathSync, statSync } from 'node:fs';
+import { BlockList, isIP } from 'node:net';
 import { dirname, extname, join, resolve, sep } from 'node:path';
+import { pipeline } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 
-const HERE = dirname(fileURLToPath(import.meta.url));
+const HERE = realpathSync(dirname(fileURLToPath(import.meta.url)));
 
 const MIME = {
   '.html': 'text/html; charset=utf-8',
@@ -72,12 +80,26 @@ function parseArgs(argv) {
   return opts;
 }
 
+/** The folder's real path (symlinks resolved): what served files must lie inside. */
 function checkDir(path, flag) {
   const full = resolve(path);
   let st;
   try { st = statSync(full); } catch { usage(`${flag} ${JSON.stringify(path)} does not exist`); }
   if (!st.isDirectory()) usage(`${flag} ${JSON.stringify(path)} is not a folder`);
-  return full;
+  return realpathSync(full);
+}
+
+const LOOPBACK = new BlockList();
+LOOPBACK.addSubnet('127.0.0.0', 8, 'ipv4');
+LOOPBACK.addAddress('::1', 'ipv6');
+LOOPBACK.addSubnet('::ffff:127.0.0.0', 104, 'ipv6');
+
+/** Whether --host keeps the server on this machine: 127.0.0.0/8, ::1 or localhost. */
+function isLoopback(host) {
+  const h = host.replace(/^\[(.*)\]$/, '$1').toLowerCase();
+  if (h === 'localhost') return true;
+  const family = isIP(h);
+  return family !== 0 && LOOPBACK.check(h, family === 4 ? 'ipv4' : 'ipv6');
 }
 
 // The artifact folder to suggest in the printed URL: the mount itself when it holds a
@@ -95,11 +117,12 @@ function suggestArtifacts(root) {
 
 const opts = parseArgs(process.argv.slice(2));
 if (!opts.artifacts) usage('--artifacts DIR is required (a folder holding artifact folders, or one artifact folder)');
-const ortDist = join(HERE, 'node_modules', 'onnxruntime-web', 'dist');
+let ortDist = join(HERE, 'node_modules', 'onnxruntime-web', 'dist');
 if (!existsSync(join(ortDist, 'ort.wasm.min.mjs'))) {
   process.stderr.write(`serve.mjs: ${ortDist} is missing: run \`npm ci\` in ${HERE} first\n`);
   process.exit(1);
 }
+ortDist = realpathSync(ortDist);
 
 // Mount table: URL prefix -> folder. Longest prefix first; '/' last.
 const mounts = [
@@ -109,6 +132,9 @@ const mounts = [
 if (opts.data) mounts.push(['/data/', checkDir(opts.data, '--data')]);
 mounts.push(['/', HERE]);
 
+const inside = (path, root) => path === root || path.startsWith(root.endsWith(sep) ? root : root + sep);
+
+/** {full, root}: the file a URL path names and the real folder it must stay inside; or null. */
 function resolvePath(urlPath) {
   for (const [prefix, root] of mounts) {
     if (!urlPath.startsWith(prefix)) continue;
@@ -118,8 +144,56 @@ function resolvePath(urlPath) {
     if (parts.some((p) => p.startsWith('.') || p.includes('\\') || p.includes('\0'))) return null;
     if (prefix === '/' && parts[0] === 'node_modules') return null;
     const full = resolve(root, ...parts);
-    if (full !== root && !full.startsWith(root + sep)) return null;
-    return full;
+    if (!inside(full, root)) return null;
+    let fence = root;
+    if (prefix === '/artifacts/' && parts.length >= 2 && !existsSync(join(root, 'manifest.json'))) {
+      const folder = join(root, parts[0]);
+      if (existsSync(join(folder, 'manifest.json'))) {
+        try { fence = realpathSync(folder); } catch { return null; }
+      }
+    }
+    return { full, root: fence };
+  }
+  return null;
+}
+
+/**
+ * Open the regular file a URL path names: {fd, st, path}, or null (404) when there is none,
+ * or when its real path leaves its folder. A folder serves its index.html.
+ */
+function openServed(urlPath) {
+  const hit = resolvePath(urlPath);
+  if (!hit) return null;
+  let { full } = hit;
+  for (let hop = 0; hop < 2; hop++) {
+    let real;
+    let st;
+    try {
+      real = realpathSync(full);
+      st = statSync(real);
+    } catch {
+      return null;
+    }
+    if (!inside(real, hit.root)) return null;
+    if (st.isDirectory() && hop === 0) {
+      full = join(real, 'index.html');
+      continue;
+    }
+    if (!st.isFile()) return null;
+    // O_NOFOLLOW and the inode check: a file swapped for a symlink or another file after the
+    // checks above is not served; O_NONBLOCK: a swapped-in FIFO cannot hang the server.
+    let fd;
+    try {
+      fd = openSync(real, constants.O_RDONLY | (constants.O_NOFOLLOW ?? 0) | (constants.O_NONBLOCK ?? 0));
+    } catch {
+      return null;
+    }
+    const opened = fstatSync(fd);
+    if (!opened.isFile() || opened.ino !== st.ino || opened.dev !== st.dev) {
+      closeSync(fd);
+      return null;
+    }
+    return { fd, st: opened, path: real };
   }
   return null;
 }
@@ -147,32 +221,19 @@ const server = createServer((req, res) => {
     send(res, 400, 'bad request path\n');
     return;
   }
-  let full = resolvePath(urlPath);
-  if (!full) {
+  const served = openServed(urlPath);
+  if (!served) {
     send(res, 404, `not found: ${urlPath}\n`);
     return;
   }
-  let st;
-  try {
-    st = statSync(full);
-    if (st.isDirectory()) {
-      full = join(full, 'index.html');
-      st = statSync(full);
-    }
-  } catch {
-    send(res, 404, `not found: ${urlPath}\n`);
-    return;
-  }
-  if (!st.isFile()) {
-    send(res, 404, `not found: ${urlPath}\n`);
-    return;
-  }
+  const { fd, st, path: full } = served;
   // Revalidation (no-cache + ETag): unchanged files answer 304, so the browser keeps its
   // compiled wasm between page loads, and a rebuilt artifact is never served stale.
   const etag = `"${st.size.toString(16)}-${Math.floor(st.mtimeMs).toString(16)}"`;
   res.setHeader('ETag', etag);
   res.setHeader('Last-Modified', st.mtime.toUTCString());
   if (req.headers['if-none-match'] === etag) {
+    closeSync(fd);
     res.writeHead(304);
     res.end();
     return;
@@ -182,12 +243,12 @@ const server = createServer((req, res) => {
     'Content-Length': st.size,
   });
   if (req.method === 'HEAD') {
+    closeSync(fd);
     res.end();
     return;
   }
-  const stream = createReadStream(full);
-  stream.on('error', () => res.destroy());
-  stream.pipe(res);
+  // pipeline closes the file when the client goes away mid-transfer, too.
+  pipeline(createReadStream(full, { fd, start: 0, end: Math.max(0, st.size - 1) }), res, () => {});
 });
 
 server.on('error', (err) => {
@@ -201,6 +262,13 @@ server.listen(opts.port, opts.host, () => {
   const suggestion = suggestArtifacts(mounts[1][1]);
   const query = suggestion && suggestion !== '/artifacts/tiny' ? `?artifacts=${suggestion}` : '';
   process.stdout.write(`http://${host}:${port}/${query}\n`);
+  if (!isLoopback(opts.host)) {
+    process.stderr.write(
+      `serve.mjs: warning: --host ${opts.host} is not a loopback address: the artifacts (${mounts[1][1]})` +
+        `${opts.data ? ` and the data (${resolve(opts.data)})` : ''} become readable by anyone on the network ` +
+        `who can reach port ${port}; use --host 127.0.0.1 to keep them on this machine\n`,
+    );
+  }
   if (!suggestion) {
     process.stderr.write(
       `serve.mjs: no folder with a manifest.json in ${mounts[1][1]}; build one with ` +
