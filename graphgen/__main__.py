@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--beta2", type=float, default=0.999)
     b.add_argument("--eps", type=float, default=1e-8)
     b.add_argument("--weight-decay", type=float, default=0.01)
+    b.add_argument("--clip", type=float, default=0.0,
+                   help="gradient-norm clipping built into the ONNX Runtime training set's optimizer (default 0: off; "
+                        "train_step.onnx takes the threshold at every step instead)")
     b.add_argument("--force", action="store_true",
                    help="replace an artifact folder even if it holds files the build did not write "
                         "(never a folder that is not an artifact folder)")
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             beta2=args.beta2,
             eps=args.eps,
             weight_decay=args.weight_decay,
+            clip=args.clip,
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

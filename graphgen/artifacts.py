@@ -36,9 +36,8 @@ from .model import IR_VERSION, OPSET, TRAINING_SET_OPSET, build_forward_logits, 
 from .ort_training_set import TRAINING_FILES, write_training_set
 from .train_step import build_train_step
 
-# 2: portable graphs at opset 20 (Gelu) with a race-free embedding gradient. Version 1's
-# train_step.onnx used ScatterND add, which loses additions on multithreaded onnxruntime.
-MANIFEST_VERSION = 2
+# 3: train_step.onnx takes the gradient-clipping threshold `clip` and outputs `grad_norm`.
+MANIFEST_VERSION = 3
 
 
 def _tool_versions() -> dict[str, str]:
@@ -191,6 +190,10 @@ def _manifest(cfg: GPT2Config, folder: Path) -> dict:
             "file": "train_step.onnx",
             "moments": {"m": "m.<param>", "v": "v.<param>"},
             "outputs": {"param": "new.<param>", "m": "new.m.<param>", "v": "new.v.<param>"},
+            "clip": {"input": "clip", "dtype": "float32", "shape": [], "off": "0 or inf",
+                     "norm_output": "grad_norm",
+                     "rule": "norm = sqrt(sum over parameters of sum(g^2)); "
+                             "g <- g * min(1, clip / (norm + 1e-6)) before AdamW (torch.nn.utils.clip_grad_norm_)"},
             "update": "m' = b1 m + (1-b1) g; v' = b2 v + (1-b2) g^2; "
             "w' = w (1 - lr wd) - lr (m' beta1h) / (sqrt(v' beta2h) + eps)",
         },

@@ -237,10 +237,14 @@ class Ctx:
     def norm_axis(self, axis: int, rank: int) -> int:
         return axis + rank if axis < 0 else axis
 
-    def reduce_mean(self, x: str, axes: list[int], keepdims: int = 1) -> str:
+    def reduce(self, op: str, x: str, axes: list[int], keepdims: int = 1, hint: str | None = None) -> str:
+        """A reduction whose axes are an input from opset 18 on (ReduceMean, ReduceSumSquare, ...)."""
         if self.opset >= 18:
-            return self.emit("ReduceMean", [x, self.ints(axes)], hint="mean", keepdims=keepdims)
-        return self.emit("ReduceMean", [x], hint="mean", axes=list(axes), keepdims=keepdims)
+            return self.emit(op, [x, self.ints(axes)], hint=hint, keepdims=keepdims)
+        return self.emit(op, [x], hint=hint, axes=list(axes), keepdims=keepdims)
+
+    def reduce_mean(self, x: str, axes: list[int], keepdims: int = 1) -> str:
+        return self.reduce("ReduceMean", x, axes, keepdims, hint="mean")
 
     def reduce_sum(self, x: str, axes: list[int], keepdims: int = 1) -> str:
         return self.emit("ReduceSum", [x, self.ints(axes)], hint="sum", keepdims=keepdims)

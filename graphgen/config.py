@@ -26,6 +26,9 @@ LN_EPS = 1e-5
 # outside what these graphs are laid out for; refusing it here turns a MemoryError
 # deep in the init into a one-line message.
 MAX_PARAMETERS = 2**31 - 1
+# The portable graphs carry the causal mask as a (context, context) float32 constant
+# (see model.causal_mask): 16,384 makes it 1 GiB, half of what one ONNX protobuf may hold.
+MAX_CONTEXT = 16384
 
 # name: (vocab, context, d_model, n_heads, d_ff, n_layers)
 PRESETS: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -57,6 +60,9 @@ class GPT2Config:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.01
+    # Global gradient-norm clipping of the ONNX Runtime training set, fixed when its
+    # optimizer model is built (0: off). train_step.onnx reads its threshold every step.
+    clip: float = 0.0
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +70,11 @@ class GPT2Config:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{f} must be a positive integer, got {v!r}")
+        if self.context > MAX_CONTEXT:
+            raise ConfigError(
+                f"context must be at most {MAX_CONTEXT:,} (the causal mask is a (context, context) constant "
+                f"in the graphs), got {self.context:,}"
+            )
         if self.d_model % self.n_heads != 0:
             raise ConfigError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
@@ -83,6 +94,9 @@ class GPT2Config:
             raise ConfigError(f"eps must be finite and > 0 (and above 0 in float32), got {self.eps!r}")
         if not (self.weight_decay >= 0.0 and math.isfinite(self.weight_decay)):
             raise ConfigError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
+        if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not (
+                math.isfinite(self.clip) and self.clip >= 0):
+            raise ConfigError(f"clip must be a finite number >= 0 (0: no clipping), got {self.clip!r}")
         n = sum(math.prod(shape) for _, shape in param_specs(self))
         if n > MAX_PARAMETERS:
             raise ConfigError(

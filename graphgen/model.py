@@ -2,16 +2,24 @@
 
 One function per block, in the order the seed's ``build_forward!`` runs them.
 Everything is in the default ONNX domain, so the graph runs on any ONNX runtime.
-It comes in two spellings of the same math, differing only in GELU:
+It comes in two spellings of the same math (:data:`SPELLINGS`):
 
-- ``gelu="op"`` (opset 20, the portable graphs: train_step.onnx, forward.onnx):
-  one ``Gelu(approximate="tanh")`` node. One pass instead of nine, and our
-  autodiff's Gelu rule keeps only its input for the backward instead of six
-  intermediates (mid 8x256 peak RSS 1,873 -> 1,424 MiB).
-- ``gelu="expanded"`` (opset 17, the ONNX Runtime training set): the tanh formula
-  written out in Mul/Add/Tanh. onnxruntime-training 1.19.2's gradient builder
-  differentiates an opset-20 tanh ``Gelu`` with the exact (erf) ``GeluGrad``,
-  which is the gradient of a different function; the written-out form it gets right.
+- ``"portable"`` (train_step.onnx, forward.onnx): written for every ONNX engine,
+  not only ONNX Runtime. GELU is one ``Gelu(approximate="tanh")`` node (opset
+  20): one pass instead of nine, and our autodiff's Gelu rule keeps only its
+  input for the backward instead of six intermediates (measured on ONNX Runtime
+  1.19, 2 threads: the written-out form at opset 17 ran 4-5% slower on mid 8x256
+  and small 1x256, and mid's peak RSS was 1,714 MiB against 1,270). LayerNormalization
+  declares only Y (some engines implement no other output, one fills them with
+  zeros); the backward recomputes mean and rstd from X (0-1.5% of a train step
+  on small and mid, against reading saved statistics). Axes are non-negative,
+  the causal mask is a constant sliced to (T, T) (no Shape -> Range chain), and
+  the loss picks labels from a 2-D (B*T, vocab) LogSoftmax.
+- ``"ort-training"`` (opset 17, the forward handed to onnxruntime-training
+  1.19.2's gradient builder): the tanh GELU written out in Mul/Add/Tanh (the
+  builder differentiates an opset-20 tanh ``Gelu`` with the exact (erf)
+  ``GeluGrad``, the gradient of a different function), and LayerNormalization
+  declaring Mean and InvStdDev, which its LayerNormalizationGrad reads.
 
 Parameters are graph inputs here; ``artifacts`` turns them into initializers
 where ONNX Runtime's training tools want them that way.
@@ -27,6 +35,7 @@ Transpose/Reshape. The value bias is added after attention, as the seed does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -35,22 +44,46 @@ from onnxscript import GraphBuilder
 
 from .config import LN_EPS, GPT2Config, param_specs
 
-OPSET = 20  # the portable graphs (Gelu-20)
-TRAINING_SET_OPSET = 17  # the forward handed to onnxruntime-training's gradient builder
-GELU_SPELLINGS = {"op": OPSET, "expanded": TRAINING_SET_OPSET}
+
+@dataclass(frozen=True)
+class Spelling:
+    opset: int
+    gelu_op: bool  # one Gelu node (opset >= 20), else the tanh formula in Mul/Add/Tanh
+    ln_statistics: bool  # LayerNormalization declares its Mean and InvStdDev outputs
+
+
+SPELLINGS = {
+    "portable": Spelling(opset=20, gelu_op=True, ln_statistics=False),
+    "ort-training": Spelling(opset=17, gelu_op=False, ln_statistics=True),
+}
+OPSET = SPELLINGS["portable"].opset  # train_step.onnx, forward.onnx
+TRAINING_SET_OPSET = SPELLINGS["ort-training"].opset
+# The `gelu=` argument of the builders names a spelling by its GELU.
+GELU_SPELLINGS = {"op": "portable", "expanded": "ort-training"}
 IR_VERSION = 10  # onnxruntime 1.19 reads IR <= 10; onnx 1.23 would write 11+
 GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _spelling(spelling: str | None, gelu: str | None) -> Spelling:
+    if gelu is not None:
+        if gelu not in GELU_SPELLINGS:
+            raise ValueError(f"gelu must be one of {sorted(GELU_SPELLINGS)}, got {gelu!r}")
+        if spelling is not None and spelling != GELU_SPELLINGS[gelu]:
+            raise ValueError(f"gelu={gelu!r} is the {GELU_SPELLINGS[gelu]!r} spelling, not {spelling!r}")
+        spelling = GELU_SPELLINGS[gelu]
+    spelling = spelling or "portable"
+    if spelling not in SPELLINGS:
+        raise ValueError(f"spelling must be one of {sorted(SPELLINGS)}, got {spelling!r}")
+    return SPELLINGS[spelling]
 
 
 class _Forward:
     """Holds the builder and the parameter values while the graph is traced."""
 
-    def __init__(self, cfg: GPT2Config, with_labels: bool, gelu: str = "op"):
-        if gelu not in GELU_SPELLINGS:
-            raise ValueError(f"gelu must be one of {sorted(GELU_SPELLINGS)}, got {gelu!r}")
+    def __init__(self, cfg: GPT2Config, with_labels: bool, spelling: Spelling):
         self.cfg = cfg
-        self.gelu_spelling = gelu
-        self.graph = ir.Graph([], [], nodes=[], opset_imports={"": GELU_SPELLINGS[gelu]}, name="gpt2")
+        self.spelling = spelling
+        self.graph = ir.Graph([], [], nodes=[], opset_imports={"": spelling.opset}, name="gpt2")
         self.gb = GraphBuilder(self.graph)
         self.op = self.gb.op
         self.tokens = self.gb.input("tokens", ir.DataType.INT64, ["batch", "seq"])
@@ -74,11 +107,13 @@ class _Forward:
     # --- blocks -------------------------------------------------------------
 
     def layer_norm(self, x: ir.Value, g: str, b: str) -> ir.Value:
-        # Mean and InvStdDev are declared because ORT's gradient builder needs them.
-        y, _mean, _inv_std = self.op.LayerNormalization(
-            x, self.p[g], self.p[b], axis=-1, epsilon=LN_EPS, _outputs=3
-        )
-        return y
+        # x (B, T, d), normalised over d (axis 2)
+        if self.spelling.ln_statistics:
+            y, _mean, _inv_std = self.op.LayerNormalization(
+                x, self.p[g], self.p[b], axis=2, epsilon=LN_EPS, _outputs=3
+            )
+            return y
+        return self.op.LayerNormalization(x, self.p[g], self.p[b], axis=2, epsilon=LN_EPS)
 
     def linear(self, x: ir.Value, w: ir.Value, b: ir.Value | None) -> ir.Value:
         """x @ w^T (+ b); w stored (out, in) as in the seed. A plain Transpose
@@ -92,14 +127,16 @@ class _Forward:
         Added to the scores (x + 0 = x and x + -inf = -inf exactly, so the softmax is the
         masked one). An Add is cheaper than a Where on the (B, H, T, T) scores, and its
         backward passes the cotangent straight through (the mask depends on no parameter),
-        where a Where's backward would be another (B, H, T, T) select."""
-        seq = self.op.Shape(self.tokens, start=1, end=2)  # (1,)
-        t = self.op.Squeeze(seq, self.const([0], np.int64))
-        r = self.op.Range(self.const(0, np.int64), t, self.const(1, np.int64))  # (T,)
-        rows = self.op.Unsqueeze(r, self.const([1], np.int64))  # (T, 1)
-        cols = self.op.Unsqueeze(r, self.const([0], np.int64))  # (1, T)
-        visible = self.op.GreaterOrEqual(rows, cols)
-        mask = self.op.Where(visible, self.const(0.0), self.const(-np.inf))
+        where a Where's backward would be another (B, H, T, T) select.
+
+        The (context, context) mask is a constant sliced to (T, T): every engine runs a Slice
+        whose ends come from Shape, where a Range with a limit from Shape defeats some."""
+        c = self.cfg.context
+        full = np.triu(np.full((c, c), -np.inf, np.float32), k=1)  # (C, C), -inf above the diagonal
+        seq = self.op.Shape(self.tokens, start=1, end=2)  # (1,) = [T]
+        ends = self.op.Concat(seq, seq, axis=0)  # (2,) = [T, T]
+        mask = self.op.Slice(self.const(full), self.const([0, 0], np.int64), ends,
+                             self.const([0, 1], np.int64))  # (T, T)
         # Stated so shape inference ties the score dims to `seq`; without it the
         # autodiff cannot prove which dims broadcast and reduces at run time.
         mask.shape = ir.Shape(["seq", "seq"])
@@ -123,7 +160,7 @@ class _Forward:
         v = heads("v", False, [0, 2, 1, 3])  # (B, H, T, dh); bias after attention
         scores = op.Mul(op.MatMul(q, k_t), self.const(1.0 / math.sqrt(dh)))  # (B, H, T, T)
         scores = op.Add(scores, mask)  # causal: -inf above the diagonal
-        probs = op.Softmax(scores, axis=-1)
+        probs = op.Softmax(scores, axis=3)
         b_v = op.Reshape(self.p[pre + "b_v"], self.const([h, 1, dh], np.int64))
         out = op.Add(op.MatMul(probs, v), b_v)  # (B, H, T, dh)
         out = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), self.const([0, 0, d], np.int64))
@@ -132,7 +169,7 @@ class _Forward:
     def gelu(self, x: ir.Value) -> ir.Value:
         # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), the seed's tanh form
         op = self.op
-        if self.gelu_spelling == "op":
+        if self.spelling.gelu_op:
             return op.Gelu(x, approximate="tanh")
         cube = op.Mul(op.Mul(x, x), x)
         inner = op.Mul(op.Add(x, op.Mul(cube, self.const(0.044715))), self.const(GELU_C))
@@ -158,14 +195,25 @@ class _Forward:
         return self.linear(x, self.p["wte"], None)  # (B, T, V), tied unembedding
 
     def loss(self, logits: ir.Value) -> ir.Value:
-        """Mean over positions of -sum(labels * log_softmax(logits))."""
-        op = self.op
-        logp = op.LogSoftmax(logits, axis=-1)  # (B, T, V)
+        """Mean over positions of -sum(labels * log_softmax(logits)).
+
+        Index labels pick from a 2-D (B*T, vocab) LogSoftmax: GatherElements on rank 2 along
+        axis 1 is the form every engine's kernel handles (onnx's reference evaluator takes
+        a rank-3 one with more than 64 classes apart), at no cost (Reshape is a view)."""
+        op, v = self.op, self.cfg.vocab
         if self.cfg.labels == "index":
-            idx = op.Unsqueeze(self.labels, self.const([-1], np.int64))  # (B, T, 1)
-            picked = op.GatherElements(logp, idx, axis=-1)  # (B, T, 1)
+            rows = op.Reshape(logits, self.const([-1, v], np.int64))  # (B*T, V)
+            logp = op.LogSoftmax(rows, axis=1)  # (B*T, V)
+            idx = op.Reshape(self.labels, self.const([-1, 1], np.int64))  # (B*T, 1)
+            # Stated so the autodiff sees that the picked entries and the LogSoftmax rows match,
+            # and folds the cross-entropy backward into one scatter. The dim is named by its
+            # value: tract reads dim names as expressions and refuses a free symbol here.
+            rows.shape = logp.shape = ir.Shape(["batch*seq", v])
+            idx.shape = ir.Shape(["batch*seq", 1])
+            picked = op.GatherElements(logp, idx, axis=1)  # (B*T, 1)
         else:
-            picked = op.ReduceSum(op.Mul(self.labels, logp), self.const([-1], np.int64), keepdims=0)
+            logp = op.LogSoftmax(logits, axis=2)  # (B, T, V)
+            picked = op.ReduceSum(op.Mul(self.labels, logp), self.const([2], np.int64), keepdims=0)  # (B, T)
         return op.Neg(op.ReduceMean(picked, keepdims=0))  # scalar
 
     def finish(self, outputs: dict[str, tuple[ir.Value, list]]) -> onnx.ModelProto:
@@ -180,13 +228,17 @@ class _Forward:
         return proto
 
 
-def build_forward_loss(cfg: GPT2Config, gelu: str = "op") -> onnx.ModelProto:
-    """(tokens, positions, labels, *params) -> loss. Parameters are graph inputs."""
-    f = _Forward(cfg, with_labels=True, gelu=gelu)
+def build_forward_loss(cfg: GPT2Config, spelling: str | None = None, *, gelu: str | None = None
+                       ) -> onnx.ModelProto:
+    """(tokens, positions, labels, *params) -> loss. Parameters are graph inputs.
+    ``spelling`` is a key of :data:`SPELLINGS` (default "portable"); ``gelu`` ("op" or
+    "expanded") names the same choice by its GELU."""
+    f = _Forward(cfg, with_labels=True, spelling=_spelling(spelling, gelu))
     return f.finish({"loss": (f.loss(f.logits()), [])})
 
 
-def build_forward_logits(cfg: GPT2Config, gelu: str = "op") -> onnx.ModelProto:
+def build_forward_logits(cfg: GPT2Config, spelling: str | None = None, *, gelu: str | None = None
+                         ) -> onnx.ModelProto:
     """(tokens, positions, *params) -> logits (B, T, vocab)."""
-    f = _Forward(cfg, with_labels=False, gelu=gelu)
+    f = _Forward(cfg, with_labels=False, spelling=_spelling(spelling, gelu))
     return f.finish({"logits": (f.logits(), ["batch", "seq", cfg.vocab])})

@@ -9,6 +9,12 @@ seed (see NOTES.md):
   ``correct_bias=1``; we rewrite the attribute.
 - onnx 1.23 saves IR version 11+, which ORT 1.19 cannot read; every model is
   re-saved at IR 10.
+
+Gradient clipping (``cfg.clip`` > 0) is onnxblock's ``ClipGradNorm`` ahead of AdamW:
+its InplaceClipGradNorm kernel scales every gradient by
+``max_norm / (norm + 1e-6)`` when that is below 1, torch's clip_grad_norm_. Its
+``max_norm`` is an attribute, so the threshold is fixed when the set is built, and
+the kernel does not report the norm.
 """
 
 from __future__ import annotations
@@ -104,6 +110,7 @@ def write_training_set(
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
+        clip_grad=onnxblock.optim.ClipGradNorm(cfg.clip) if cfg.clip > 0 else None,
     )
     with _quiet_native_stderr():
         artifacts.generate_artifacts(

@@ -1,7 +1,10 @@
 """Assemble the portable ``train_step.onnx``: forward + backward + AdamW in standard ops.
 
-    inputs : <p>... , m.<p>... , v.<p>... , tokens, positions, labels, hp (float32[7])
-    outputs: loss, new.<p>... , new.m.<p>... , new.v.<p>...
+    inputs : <p>... , m.<p>... , v.<p>... , tokens, positions, labels, hp (float32[7]), clip (float32)
+    outputs: loss, grad_norm, new.<p>... , new.m.<p>... , new.v.<p>...
+
+``clip`` is the global gradient-norm threshold (0 or inf: off) and ``grad_norm`` the
+norm before clipping (see adamw.py).
 
 The forward model (opset >= 16, default domain only) takes ``tokens``, ``positions``,
 ``labels`` and every parameter as graph inputs and outputs the scalar ``loss``.
@@ -82,7 +85,7 @@ def build_train_step(forward: onnx.ModelProto, param_names: list[str], validate:
 
     slots = [AdamWSlot(p, grads[p], f"m.{p}", f"v.{p}", f"new.{p}", f"new.m.{p}", f"new.v.{p}")
              for p in param_names]
-    nodes, inits = adamw_nodes(slots, hp="hp")
+    nodes, inits = adamw_nodes(slots, hp="hp", clip="clip", grad_norm="grad_norm")
     g.node.extend(nodes)
     g.initializer.extend(inits)
 
@@ -93,10 +96,12 @@ def build_train_step(forward: onnx.ModelProto, param_names: list[str], validate:
     g.input.extend(_value_info(inputs[p], f"v.{p}") for p in param_names)
     g.input.extend(inputs[n] for n in DATA_INPUTS)
     g.input.append(helper.make_tensor_value_info("hp", TensorProto.FLOAT, [7]))
+    g.input.append(helper.make_tensor_value_info("clip", TensorProto.FLOAT, []))
 
     loss_vi = copy.deepcopy(g.output[0])
     del g.output[:]
     g.output.append(loss_vi)
+    g.output.append(helper.make_tensor_value_info("grad_norm", TensorProto.FLOAT, []))
     for prefix in ("new.", "new.m.", "new.v."):
         g.output.extend(_value_info(inputs[p], prefix + p) for p in param_names)
     g.name = (g.name or "gpt2") + "_train_step"

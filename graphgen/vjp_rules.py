@@ -237,7 +237,7 @@ def _last_dim(ctx, x: str) -> str:
     d = ctx.dims(x)[-1]
     if isinstance(d, int):
         return ctx.ints([d])
-    return ctx.emit("Shape", [x], hint="lastdim", start=-1)
+    return ctx.emit("Shape", [x], hint="lastdim", start=ctx.rank(x) - 1)
 
 
 @rule("MatMul")
@@ -378,7 +378,7 @@ def vjp_slice(ctx, node, gouts):
                 pads[a], pads[r + a] = s, n - e
             return [ctx.emit("Pad", [g, ctx.ints(pads), ctx.scalar(0.0, x)], mode="constant")] + \
                 [None] * (len(node.input) - 1)
-    size = ctx.emit("Size", [x])
+    size = _numel(ctx, x, list(range(r)))  # scalar int64
     iota = ctx.emit("Range", [ctx.const(np.array(0, np.int64)), size, ctx.const(np.array(1, np.int64))])
     iota = ctx.emit("Reshape", [iota, ctx.shape(x)])
     picked = ctx.emit("Slice", [iota] + list(node.input[1:]))
@@ -391,6 +391,22 @@ def vjp_slice(ctx, node, gouts):
 
 
 # --------------------------------------------------------------------------- reductions
+
+
+def _numel(ctx, x: str, axes: list[int]) -> str:
+    """Scalar int64: the product of ``x``'s dims along ``axes`` (non-negative). Static dims
+    fold into a constant; the others come from Shape + ReduceProd (not Size, which some
+    runtimes return as a host integer rather than a tensor)."""
+    dims = ctx.dims(x)
+    static = int(np.prod([dims[a] for a in axes if isinstance(dims[a], int)]))
+    dynamic = [a for a in axes if not isinstance(dims[a], int)]
+    if not dynamic:
+        return ctx.const(np.array(static, np.int64))
+    shp = ctx.shape(x)  # (rank,)
+    if len(dynamic) < len(dims):
+        shp = ctx.emit("Gather", [shp, ctx.ints(dynamic)], hint="dims", axis=0)  # (len(dynamic),)
+    n = ctx.emit("ReduceProd", [shp], hint="numel", keepdims=0)  # scalar
+    return n if static == 1 else ctx.emit("Mul", [n, ctx.const(np.array(static, np.int64))])
 
 
 def _unsqueeze_expand(ctx, g: str, x: str, axes: list[int] | str | None, keepdims: int) -> str:
@@ -418,13 +434,15 @@ def vjp_reduce_sum(ctx, node, gouts):
         axes = None
     if axes is None and noop:
         return [gouts[0]] + [None] * (len(node.input) - 1)
+    if isinstance(axes, (list, tuple)):
+        axes = [ctx.norm_axis(a, ctx.rank(x)) for a in axes]
     return [_unsqueeze_expand(ctx, gouts[0], x, axes, keepdims)] + [None] * (len(node.input) - 1)
 
 
 @rule("ReduceMean")
 def vjp_reduce_mean(ctx, node, gouts):
-    # Y = mean(X, axes)  ->  gX = expand(unsqueeze(g, axes), shape(X)) / N,  N = |X| / |Y|
-    x, y = node.input[0], node.output[0]
+    # Y = mean(X, axes)  ->  gX = expand(unsqueeze(g, axes), shape(X)) / N,  N = prod(X's dims on axes)
+    x = node.input[0]
     keepdims = ctx.attr("keepdims", 1)
     if ctx.opset >= 18:
         axes_in = node.input[1] if len(node.input) > 1 and node.input[1] else None
@@ -444,8 +462,9 @@ def vjp_reduce_mean(ctx, node, gouts):
         n = int(np.prod([dims[a] for a in red])) if red else 1
         scaled = ctx.emit("Mul", [gouts[0], ctx.scalar(1.0 / n, x)])
     else:
-        n = ctx.emit("Div", [ctx.emit("Size", [x]), ctx.emit("Size", [y])])
+        n = _numel(ctx, x, red)
         scaled = ctx.emit("Div", [gouts[0], ctx.emit("Cast", [n], to=ctx.dtype(x))])
+    axes = None if axes is None else red
     return [_unsqueeze_expand(ctx, scaled, x, axes, keepdims)] + [None] * (len(node.input) - 1)
 
 
@@ -458,7 +477,7 @@ def vjp_softmax(ctx, node, gouts):
     if ctx.opset < 13:
         _unsupported(ctx, node, "Softmax before opset 13 (2-D coercion semantics)")
     y, g = node.output[0], gouts[0]
-    axis = ctx.attr("axis", -1)
+    axis = ctx.norm_axis(ctx.attr("axis", -1), ctx.rank(y))
     s = ctx.reduce_sum(ctx.emit("Mul", [g, y]), [axis], keepdims=1)
     return [ctx.emit("Mul", [y, ctx.emit("Sub", [g, s])])]
 
@@ -469,7 +488,7 @@ def vjp_log_softmax(ctx, node, gouts):
     if ctx.opset < 13:
         _unsupported(ctx, node, "LogSoftmax before opset 13 (2-D coercion semantics)")
     y, g = node.output[0], gouts[0]
-    axis = ctx.attr("axis", -1)
+    axis = ctx.norm_axis(ctx.attr("axis", -1), ctx.rank(y))
     sparse = _scatter_into_zeros(ctx, g, axis, y)
     if sparse is not None:
         # g = scatter_add(0, I, U) along the axis (a picked log-probability's cotangent, as in
@@ -529,12 +548,20 @@ def vjp_layer_norm(ctx, node, gouts):
     outs = list(node.output)
     if len(outs) >= 3 and outs[1] and outs[2] and ctx.dtype(outs[2]) == ctx.dtype(x):
         mean, rstd = outs[1], outs[2]
-    else:  # recompute the statistics in X's own precision
+        xc = ctx.emit("Sub", [x, mean])
+    else:  # recompute the statistics from X, in X's own precision (a node declaring only Y)
+        # Two read-only passes over X's size beyond what the saved statistics would cost:
+        # the mean, and the sum of squares of the centred X (which xhat needs anyway).
         mean = ctx.reduce_mean(x, red)
         xc = ctx.emit("Sub", [x, mean])
-        var = ctx.reduce_mean(ctx.emit("Mul", [xc, xc]), red)
+        sumsq = ctx.reduce("ReduceSumSquare", xc, red, hint="sumsq")  # (..., 1, ...) like mean
+        dims = ctx.dims(x)
+        if all(isinstance(dims[a], int) for a in red):
+            var = ctx.emit("Mul", [sumsq, ctx.scalar(1.0 / np.prod([dims[a] for a in red]), x)])
+        else:
+            var = ctx.emit("Div", [sumsq, ctx.emit("Cast", [_numel(ctx, x, red)], to=ctx.dtype(x))])
         rstd = ctx.emit("Reciprocal", [ctx.emit("Sqrt", [ctx.emit("Add", [var, ctx.scalar(eps, x)])])])
-    xhat = ctx.emit("Mul", [ctx.emit("Sub", [x, mean]), rstd], hint="xhat")
+    xhat = ctx.emit("Mul", [xc, rstd], hint="xhat")
     gx = gs = gb = None
     if ctx.needs(0):
         gxhat = ctx.emit("Mul", [g, s])
@@ -609,6 +636,6 @@ def _scatter_add_rows(ctx, zeros: str, idx: str, g: str, row_dims: list) -> str:
 def vjp_gather_elements(ctx, node, gouts):
     # Y[i][j] = D[i][I[i][j]] (along axis)  ->  gD = scatter_add(zeros(D), I, g, axis)
     d, idx = node.input
-    axis = ctx.attr("axis", 0)
+    axis = ctx.norm_axis(ctx.attr("axis", 0), ctx.rank(d))
     zeros = ctx.zeros_like(d)
     return [ctx.emit("ScatterElements", [zeros, idx, gouts[0]], axis=axis, reduction="add"), None]

@@ -14,7 +14,7 @@ import sys
 from .base import DEVICES, REGISTRY
 from .errors import GPT2OnnxError
 from .ort_env import import_onnxruntime
-from .train import DEFAULT_SEQ, TrainOptions, train
+from .train import DEFAULT_CLIP, DEFAULT_SEQ, TrainOptions, train
 
 _D = TrainOptions()
 
@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=_D.lr, help=f"peak learning rate (default {_D.lr})")
     t.add_argument("--min-lr", type=float, default=_D.min_lr, help=f"final learning rate of the cosine (default {_D.min_lr})")
     t.add_argument("--warmup", type=int, default=_D.warmup, help=f"linear warmup steps (default {_D.warmup})")
+    t.add_argument("--clip", type=float, default=None,
+                   help=f"clip the global gradient norm to this before AdamW; 0: off (default {DEFAULT_CLIP:g}; "
+                        "ort-training: the threshold its artifacts were built with)")
     t.add_argument("--seed", type=int, default=_D.seed, help="data sampler seed")
     t.add_argument("--data", default=None, help="text file or folder (default: the Python standard library's sources)")
     t.add_argument("--out", default=_D.out, help=f"run folder (default {_D.out})")
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=a.lr, min_lr=a.min_lr, warmup=a.warmup, seed=a.seed, data=a.data, out=a.out,
         eval_every=a.eval_every, eval_batches=a.eval_batches, checkpoint_every=a.checkpoint_every,
         threads=a.threads, sample_bytes=a.sample_bytes, resume=a.resume, progress=not a.no_progress,
-        stop_after=a.stop_after,
+        stop_after=a.stop_after, clip=a.clip,
     )
     import_onnxruntime()  # before train() loads a runtime: skips the training wheel's torch import
     try:

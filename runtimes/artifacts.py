@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,10 +23,11 @@ from .errors import ArtifactError
 from .jsonlimits import loads_limited
 
 MANIFEST_FORMAT = "gpt2-onnx-artifacts"
-SUPPORTED_VERSIONS = (2,)
+SUPPORTED_VERSIONS = (3,)
 RETIRED_VERSIONS = {
     1: "its train_step.onnx computes wrong embedding gradients on onnxruntime with 2+ threads "
        "(ScatterND add races on repeated tokens)",
+    2: "its train_step.onnx has no gradient-clipping input (clip) or grad_norm output",
 }
 CONFIG_KEYS = ("vocab", "context", "d_model", "n_heads", "d_ff", "n_layers", "seed", "init", "labels")
 
@@ -72,8 +74,13 @@ class Artifacts:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Identifies the model these artifacts train: config and parameter layout."""
-        key = json.dumps([self.config, self.manifest["parameters"]], sort_keys=True)
+        """Identifies the model these artifacts train: config and parameter layout.
+
+        The training set's clipping threshold is left out: it decides how the
+        optimizer treats gradients, not which model the parameters belong to, so a
+        checkpoint resumes on a folder rebuilt with another threshold."""
+        config = {k: v for k, v in self.config.items() if k != "clip"}
+        key = json.dumps([config, self.manifest["parameters"]], sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def initial_weights(self) -> dict[str, np.ndarray]:
@@ -132,6 +139,12 @@ def _check_manifest(mpath: Path, manifest: dict) -> None:
             bad(f"config.{k} = {cfg[k]!r}, expected an integer >= 1")
     if cfg["labels"] not in ("index", "dense"):
         bad(f"config.labels = {cfg['labels']!r}, expected 'index' or 'dense'")
+    for k, ok, rng in (("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+                       ("eps", lambda v: v > 0, "> 0"), ("weight_decay", lambda v: v >= 0, ">= 0"),
+                       ("clip", lambda v: v >= 0, ">= 0")):
+        v = cfg.get(k, 0.5 if k.startswith("beta") else 1.0)  # optional: only the training set reads them
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            bad(f"config.{k} = {v!r}, expected a finite number {rng}")
     hp = manifest["hp"]
     if list(hp.get("layout", ())) != list(HP_LAYOUT) or hp.get("length") != len(HP_LAYOUT) or hp.get("dtype") != "float32":
         bad(f"hp is {hp.get('dtype')!r}[{hp.get('length')!r}] {hp.get('layout')!r}, this runner feeds float32[7] {list(HP_LAYOUT)}")

@@ -22,7 +22,7 @@ from .artifacts import Artifacts, check_models, check_weights, load_artifacts
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, InputError, OutOfMemory, RuntimeUnavailable
 from .ort_env import import_onnxruntime
-from .hp import check_hp
+from .hp import check_clip, check_hp
 from .validate import check_labels, check_tokens
 
 REGISTRY: dict[str, str] = {
@@ -53,16 +53,22 @@ class Runtime:
         self.threads = threads
         self.step_count = 0  # updates applied so far; the next one is t = step_count + 1
         self.resumed_extra: dict = {}  # what the checkpoint we resumed from carried (sampler state...)
+        self.last_grad_norm: float | None = None  # global gradient norm of the last step, where reported
         self._forward = None
 
     # --- public API -------------------------------------------------------
 
-    def step(self, tokens, positions, labels, hp) -> float:
-        """Train on one batch; returns the loss of that batch before the update."""
+    def step(self, tokens, positions, labels, hp, clip: float = 0.0) -> float:
+        """Train on one batch; returns the loss of that batch before the update.
+
+        ``clip`` > 0 scales the gradients so that their global L2 norm is at most
+        ``clip`` before AdamW (torch.nn.utils.clip_grad_norm_); 0 or inf: off. The
+        norm before clipping is then ``last_grad_norm`` (None where not reported)."""
         tokens, positions, labels = self._batch(tokens, positions, labels)
         hp = check_hp(hp, self.step_count + 1)
-        self._check_hp_supported(hp)
-        loss = self._guard_memory(tokens.shape, "step", self._step, tokens, positions, labels, hp)
+        clip = check_clip(clip)
+        self._check_hp_supported(hp, clip)
+        loss = self._guard_memory(tokens.shape, "step", self._step, tokens, positions, labels, hp, clip)
         self.step_count += 1
         return loss
 
@@ -134,7 +140,8 @@ class Runtime:
 
     # --- hooks for backends ----------------------------------------------
 
-    def _step(self, tokens, positions, labels, hp) -> float:
+    def _step(self, tokens, positions, labels, hp, clip) -> float:
+        """One update; sets ``self.last_grad_norm``."""
         raise NotImplementedError
 
     def _loss(self, tokens, positions, labels) -> float:
@@ -146,7 +153,7 @@ class Runtime:
     def _after_failed_run(self) -> None:
         """Backends that accumulate across calls (gradient buffers) clear what a failed run left."""
 
-    def _check_hp_supported(self, hp: np.ndarray) -> None:
+    def _check_hp_supported(self, hp: np.ndarray, clip: np.ndarray) -> None:
         """Backends with hyperparameters fixed at build time reject others here."""
 
     def _native_state(self) -> bytes | None:

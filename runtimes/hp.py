@@ -100,3 +100,19 @@ def check_hp(hp, step: int) -> np.ndarray:
                 f"(relative tolerance {HP_RTOL}); build hp with runtimes.make_hp(..., step={step})"
             )
     return np.ascontiguousarray(hp)
+
+
+def check_clip(clip) -> np.ndarray:
+    """The gradient-clipping threshold as the float32 scalar train_step.onnx reads.
+
+    A number >= 0; 0 and inf turn clipping off. Raises InputError for anything else
+    (NaN, negative, not a number)."""
+    if isinstance(clip, bool) or isinstance(clip, np.ma.MaskedArray):
+        raise InputError(f"clip must be a number >= 0 (0 or inf: off), got {clip!r}")
+    try:
+        value = float(clip)
+    except (TypeError, ValueError):
+        raise InputError(f"clip must be a number >= 0 (0 or inf: off), got {clip!r}") from None
+    if math.isnan(value) or value < 0:
+        raise InputError(f"clip must be a number >= 0 (0 or inf: off), got {value!r}")
+    return np.array(value, dtype=np.float32)

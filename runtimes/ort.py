@@ -95,6 +95,7 @@ class OrtRuntime(Runtime):
         self._spare = self._upload(zeros)  # the next parameters are written here, then the sets swap
         self._stale_moments_at: int | None = None  # the step whose diverged update left the moments written
         self._loss_out = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32, "cpu", 0)  # the step's loss lands here
+        self._norm_out = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32, "cpu", 0)  # and its gradient norm
 
     # --- state on the device ------------------------------------------------
 
@@ -117,16 +118,17 @@ class OrtRuntime(Runtime):
                 out[prefix + n] = value
         return out
 
-    def _run(self, tokens, positions, labels, hp, moments_out=None):
+    def _run(self, tokens, positions, labels, hp, clip, moments_out=None):
         """One train_step: new parameters into the spare buffers (not yet committed), new moments
         into ``moments_out`` (default: in place, over the current ones); returns the loss."""
         moments_out = self._state if moments_out is None else moments_out
         b = self._sess.io_binding()
         for name, value in self._state.items():
             b.bind_ortvalue_input(name, value)
-        for name, arr in (("tokens", tokens), ("positions", positions), ("labels", labels), ("hp", hp)):
+        for name, arr in (("tokens", tokens), ("positions", positions), ("labels", labels), ("hp", hp), ("clip", clip)):
             b.bind_cpu_input(name, arr)
         b.bind_ortvalue_output("loss", self._loss_out)
+        b.bind_ortvalue_output("grad_norm", self._norm_out)
         for n in self._names:
             b.bind_ortvalue_output("new." + n, self._spare[n])
             b.bind_ortvalue_output("new.m." + n, moments_out["m." + n])
@@ -136,9 +138,10 @@ class OrtRuntime(Runtime):
         # the whole new state included (30 ms of a 125 ms step on small).
         return float(self._loss_out.numpy())
 
-    def _step(self, tokens, positions, labels, hp) -> float:
+    def _step(self, tokens, positions, labels, hp, clip) -> float:
         self._check_moments()
-        loss = self._run(tokens, positions, labels, hp)
+        loss = self._run(tokens, positions, labels, hp, clip)
+        self.last_grad_norm = float(self._norm_out.numpy())
         if not np.isfinite(loss):
             self._stale_moments_at = self.step_count + 1
             raise TrainingDiverged(
@@ -167,7 +170,7 @@ class OrtRuntime(Runtime):
         scratch = {prefix + n: self._ort.OrtValue.ortvalue_from_shape_and_type(
                        list(self.art.param_shapes[n]), np.float32, self._ort_device, 0)
                    for prefix in ("m.", "v.") for n in self._names}
-        self._run(tokens, positions, labels, hp, moments_out=scratch)
+        self._run(tokens, positions, labels, hp, np.array(0.0, np.float32), moments_out=scratch)
         return {n: scratch["m." + n].numpy().copy() for n in self._names}
 
     def _run_on_state(self, model: str, data: dict, output: str) -> np.ndarray:

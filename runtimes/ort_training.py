@@ -13,6 +13,7 @@ exact resume.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -70,8 +71,16 @@ class OrtTrainingRuntime(Runtime):
             raise
         self._optimizer = Optimizer(str(self.art.path("optimizer_model.onnx")), self._module)
 
-    def _check_hp_supported(self, hp: np.ndarray) -> None:
+    def _check_hp_supported(self, hp: np.ndarray, clip: np.ndarray) -> None:
         cfg = self.art.config
+        built, fed = float(cfg.get("clip", 0.0)), float(clip)
+        fed = 0.0 if math.isinf(fed) else fed
+        if abs(fed - built) > 1e-6 * max(built, 1e-30):
+            raise InputError(
+                f"clip = {float(clip)!r}, but optimizer_model.onnx was built with clip={built!r} (0: off): ONNX Runtime's "
+                f"gradient clipping fixes its threshold when it is built. Rebuild with `python -m graphgen build ... "
+                f"--clip {np.format_float_positional(np.float32(fed))}`, or use the 'ort' runtime, which reads it every step"
+            )
         for i, key in ((1, "beta1"), (2, "beta2"), (3, "eps"), (4, "weight_decay")):
             built = np.float32(cfg[key])
             if abs(float(hp[i]) - float(built)) > 1e-6 * max(abs(float(built)), 1e-30):
@@ -83,7 +92,7 @@ class OrtTrainingRuntime(Runtime):
                     f"which reads all seven hp values every step"
                 )
 
-    def _step(self, tokens, positions, labels, hp) -> float:
+    def _step(self, tokens, positions, labels, hp, clip) -> float:  # clip: checked equal to the built one
         self._module.train()
         loss = self._module(tokens, positions, labels)
         self._optimizer.set_learning_rate(float(hp[0]))

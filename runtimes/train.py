@@ -1,7 +1,8 @@
 """The training loop: batches in, losses out, with progress, checkpoints, a plot and a sample.
 
 Everything a run writes goes under ``--out``: ``log.jsonl`` (one JSON object per
-step: step, loss, lr, tokens_per_s, and val_loss where evaluated),
+step: step, loss, lr, grad_norm (the global gradient norm before clipping; null on
+ort-training, whose kernel does not report it), tokens_per_s, and val_loss where evaluated),
 ``checkpoint.safetensors`` (resumable: parameters, moments, step, the data
 sampler's state), ``weights.safetensors`` (the trained weights alone),
 ``loss.png``, ``sample.txt`` and ``summary.json``. Every one is written
@@ -51,7 +52,7 @@ from .artifacts import Artifacts, load_artifacts
 from .checkpoint import refuse_artifact_folder, write_atomic
 from .data import BatchSampler, decode, dense_labels, encode, fixed_batches, load_tokens, train_val_split
 from .errors import DataError, GPT2OnnxError, InputError, OutputError, TrainingDiverged
-from .hp import make_hp
+from .hp import check_clip, make_hp
 from .jsonlimits import loads_limited
 from .runlock import RunLock
 
@@ -84,6 +85,18 @@ class TrainOptions:
     resume: str | None = None
     progress: bool = True
     stop_after: int | None = None  # stop (with a checkpoint) after this step; the lr schedule still spans `steps`
+    # Global gradient-norm clipping threshold (0: off). None: 1.0, except on ort-training,
+    # whose threshold is fixed in its optimizer model: there None means the built one.
+    clip: float | None = None
+
+
+DEFAULT_CLIP = 1.0
+
+
+def clip_for(opts: TrainOptions, art: Artifacts) -> float:
+    if opts.clip is not None:
+        return opts.clip
+    return float(art.config.get("clip", 0.0)) if opts.runtime == "ort-training" else DEFAULT_CLIP
 
 
 def lr_at(step: int, opts: TrainOptions) -> float:
@@ -108,6 +121,7 @@ def _check_options(o: TrainOptions) -> None:
         ("sample_bytes", o.sample_bytes, o.sample_bytes >= 0, ">= 0"),
         ("stop_after", o.stop_after, o.stop_after is None or o.stop_after >= 1, ">= 1"),
         ("threads", o.threads, o.threads is None or o.threads >= 1, ">= 1"),
+        ("clip", o.clip, o.clip is None or (o.clip >= 0 and not math.isnan(o.clip)), ">= 0 (0: off)"),
     ]
     for name, value, ok, rng in checks:
         if not ok:
@@ -185,8 +199,9 @@ def sample_text(rt: base.Runtime, prompt: str, n_bytes: int, temperature: float 
     return decode(np.array(ids, dtype=np.uint8))
 
 
-def _plot(log: list[dict], path: Path, start: tuple[int, float] | None = None) -> None:
-    """Train and validation loss per step; ``start`` is (step, val loss) before the first update.
+def _plot(log: list[dict], path: Path, start: tuple[int, float] | None = None, clip: float = 0.0) -> None:
+    """Train and validation loss per step (``start``: (step, val loss) before the first update),
+    and below it the gradient norm before clipping where the runtime reports it.
     Rendered in memory and written atomically, like every file of a run."""
     import io
 
@@ -195,13 +210,24 @@ def _plot(log: list[dict], path: Path, start: tuple[int, float] | None = None) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    norms = [(r["step"], r["grad_norm"]) for r in log if r.get("grad_norm") is not None]
+    if norms:
+        fig, (ax, nax) = plt.subplots(2, 1, figsize=(7, 6), dpi=100, sharex=True, height_ratios=(2, 1))
+        nax.semilogy([s for s, _ in norms], [n for _, n in norms], lw=0.8, color="tab:green", label="gradient norm")
+        if 0 < clip < math.inf:
+            nax.axhline(clip, color="tab:red", ls="--", lw=0.8, label=f"clip {clip:g}")
+        nax.set_xlabel("step")
+        nax.set_ylabel("global L2 norm")
+        nax.legend()
+        nax.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        ax.set_xlabel("step")
     ax.plot([r["step"] for r in log], [r["loss"] for r in log], lw=0.8, label="train loss")
     val = ([start] if start else []) + [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
     if val:
         ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation loss")
     ax.axhline(math.log(256), color="grey", ls=":", lw=0.8, label="ln(256)")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/byte)")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -235,6 +261,7 @@ def train(opts: TrainOptions, echo=print) -> dict:
     if cfg["labels"] == "dense":
         val_batches = [(t, p, dense_labels(l, cfg["vocab"])) for t, p, l in val_batches]
 
+    clip = clip_for(opts, art)
     refuse_artifact_folder(out, "--out")
     _prepare_out(out, art, opts)
     with RunLock(out):  # one writer per run folder, released on any exit
@@ -244,6 +271,8 @@ def train(opts: TrainOptions, echo=print) -> dict:
                              artifacts=opts.artifacts)
         else:
             rt = base.load(opts.artifacts, opts.runtime, opts.device, opts.threads)
+        rt._check_hp_supported(make_hp(opts.lr, cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"]),
+                               check_clip(clip))  # ort-training: a threshold other than the built one fails now
         if opts.resume and "sampler" in rt.resumed_extra:
             sampler.load_state_dict(rt.resumed_extra["sampler"])
         ckpt_path = out / CHECKPOINT_NAME
@@ -287,6 +316,7 @@ def train(opts: TrainOptions, echo=print) -> dict:
             f"training {rt.art.folder} on {opts.runtime}/{opts.device}: {len(train_ids):,} train bytes, "
             f"{len(val_ids):,} validation bytes, batch {opts.batch}x{seq}, steps {rt.step_count + 1}..{stop}"
             + (f" (of {opts.steps})" if stop < opts.steps else "")
+            + f", gradient clipping {'at ' + format(clip, 'g') if 0 < clip < math.inf else 'off'}"
         )
         start_step, first_val = rt.step_count, val_loss()
         echo(f"validation loss at step {rt.step_count}: {first_val:.4f}")
@@ -310,14 +340,15 @@ def train(opts: TrainOptions, echo=print) -> dict:
                     hp = make_hp(lr, cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"], step=t)
                     t0 = time.perf_counter()
                     try:
-                        loss = rt.step(*batch, hp)
+                        loss = rt.step(*batch, hp, clip)
                     except TrainingDiverged as e:  # ort / reference: the parameters were not updated
                         raise TrainingDiverged(f"{e}; {where_good()}") from None
                     dt = time.perf_counter() - t0
                     if not math.isfinite(loss):
                         raise TrainingDiverged(f"loss became {loss} at step {t}; {where_good()}")
                     tokens_done += batch[0].size
-                    row = {"step": t, "loss": loss, "lr": lr, "tokens_per_s": batch[0].size / dt if dt > 0 else None}
+                    row = {"step": t, "loss": loss, "lr": lr, "grad_norm": rt.last_grad_norm,
+                           "tokens_per_s": batch[0].size / dt if dt > 0 else None}
                     if t % opts.eval_every == 0 or t == opts.steps:
                         row["val_loss"] = val_loss()
                     log.append(row)
@@ -325,13 +356,15 @@ def train(opts: TrainOptions, echo=print) -> dict:
                     logf.flush()
                     last_val = row.get("val_loss", last_val)
                     shown = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_done / (time.perf_counter() - t_start):.0f}"}
+                    if rt.last_grad_norm is not None:
+                        shown["|g|"] = f"{rt.last_grad_norm:.3g}"
                     bar.set_postfix(shown, **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
                     bar.update(1)
                     if t % opts.checkpoint_every == 0 or t == stop:
                         checkpoint()
             elapsed = time.perf_counter() - t_start
             rt.export_weights(out / "weights.safetensors")
-            _plot(log, out / "loss.png", start=(start_step, first_val))
+            _plot(log, out / "loss.png", start=(start_step, first_val), clip=clip)
             final_val = (log[-1]["val_loss"] if "val_loss" in log[-1] else val_loss()) if log else first_val
             summary = {
                 "steps": rt.step_count,

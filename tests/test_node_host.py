@@ -25,7 +25,7 @@ CLI = HOST / "train.mjs"
 STEPS = 20
 LR = 1e-3
 B, T, SEED = 2, 32, 7
-STEP_LINE = re.compile(r"^step (\d+) loss (\S+)$")
+STEP_LINE = re.compile(r"^step (\d+) loss (\S+)( grad_norm (\S+))?$")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,10 @@ def losses_of(stdout: str) -> list[float]:
             assert int(m.group(1)) == len(out) + 1, f"step lines out of order: {line!r}"
             out.append(float(m.group(2)))
     return out
+
+
+def norms_of(stdout: str) -> list[float]:
+    return [float(m.group(4)) for m in map(STEP_LINE.match, stdout.splitlines()) if m and m.group(4)]
 
 
 @pytest.fixture(scope="module")
@@ -305,3 +309,24 @@ def test_error_manifest_config_differs_from_batch_file(node_host, tiny_index, ba
 ])
 def test_error_bad_flags(node_host, tiny_index, tmp_path, args, needle):
     _expect_error(run_node("--artifacts", tiny_index, "--out", tmp_path / "w.st", *args, check=False), needle)
+
+
+def test_clipping_matches_python_ort(node_host, tiny_index, batch_file):
+    """--clip on onnxruntime-node equals runtimes' ort with the same threshold, clipping on most steps."""
+    import runtimes
+    from runtimes.batchfile import read_batches
+
+    clip = 0.5
+    r = run_node("--artifacts", tiny_index, "--batches", batch_file, "--clip", str(clip))
+    assert r.returncode == 0, r.stderr
+    node_losses, node_norms = losses_of(r.stdout), norms_of(r.stdout)
+    batches, meta = read_batches(batch_file)
+    rt = runtimes.load(tiny_index, runtime="ort")
+    hp = [meta[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay")]
+    py_losses, py_norms = [], []
+    for i, (t, p, l) in enumerate(batches):
+        py_losses.append(rt.step(t, p, l, runtimes.make_hp(*hp, step=i + 1), clip))
+        py_norms.append(rt.last_grad_norm)
+    assert sum(n > clip for n in py_norms) >= 0.75 * len(py_norms), py_norms  # clipping active on most steps
+    np.testing.assert_allclose(node_losses, py_losses, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(node_norms, py_norms, rtol=1e-4)

@@ -48,7 +48,7 @@ def test_in_place_moments_match_a_step_with_separate_outputs(tiny_index):
         hp = runtimes.make_hp(1e-2, step=t)
         loss = rt.step(tok, pos, lab, hp)
         feeds = {**p, **{f"m.{n}": m[n] for n in names}, **{f"v.{n}": v[n] for n in names},
-                 "tokens": tok, "positions": pos, "labels": lab, "hp": hp}
+                 "tokens": tok, "positions": pos, "labels": lab, "hp": hp, "clip": np.array(0.0, np.float32)}
         out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
         p = {n: out[f"new.{n}"] for n in names}
         m = {n: out[f"new.m.{n}"] for n in names}

@@ -171,6 +171,79 @@ def test_ort_runtime_on_current_onnxruntime(mode_, tiny_index, tiny_dense, tmp_p
                   1e-4, LR, STEPS)
 
 
+# --- global-norm gradient clipping ---------------------------------------------------
+
+CLIP = 1.8  # below the gradient norm on most of these 20 steps (1.6-3.2 unclipped)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    """tiny with the ONNX Runtime training set built to clip at CLIP (its threshold is fixed at build)."""
+    from graphgen.artifacts import build_artifacts
+    from graphgen.config import GPT2Config
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-clip"
+    build_artifacts(GPT2Config.preset("tiny", clip=CLIP), out, log=lambda m: None)
+    return out
+
+
+def _clipped_run(step, cfg) -> list[float]:
+    tb = batches(cfg, STEPS, batch=2, seed=9)
+    return [step(b, runtimes.make_hp(LR, *BETAS, EPS, WD, step=t + 1)) for t, b in enumerate(tb)]
+
+
+@pytest.fixture(scope="module")
+def clipped_oracle(tiny_clip):
+    art = runtimes.load(tiny_clip, runtime="reference", verify=False).art
+    o = TorchGPT2(art.config, art.initial_weights())
+    losses = _clipped_run(lambda b, hp: o.train([b], lr=F32(LR), betas=(F32(BETAS[0]), F32(BETAS[1])), eps=F32(EPS),
+                                                 weight_decay=F32(WD), clip=CLIP)[0], art.config)
+    m, v = o.moments()
+    return {"losses": losses, "norms": o.grad_norms, "params": o.parameters(), "m": m, "v": v}
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_20_clipped_steps_match_clip_grad_norm_then_adamw(name, tiny_clip, clipped_oracle):
+    """torch.nn.utils.clip_grad_norm_ then torch.optim.AdamW, clipping on most steps: losses,
+    gradient norms, parameters and moments to 1e-4 on every runtime (ort-training with its
+    threshold built in, and no norm to report)."""
+    o = clipped_oracle
+    assert sum(n > CLIP for n in o["norms"]) >= 12, o["norms"]  # clipping is what is being tested
+    rt = runtimes.load(tiny_clip, runtime=name)
+    norms = []
+
+    def step(b, hp):
+        loss = rt.step(*b, hp, CLIP)
+        norms.append(rt.last_grad_norm)
+        return loss
+
+    losses = _clipped_run(step, rt.art.config)
+    diff = np.abs(np.array(losses) - np.array(o["losses"]))
+    report(f"{name} 20 clipped steps: losses vs torch (absolute)", {f"step {i + 1}": float(d) for i, d in enumerate(diff)},
+           1e-4)
+    if name == "ort-training":
+        assert norms == [None] * STEPS
+    else:
+        report(f"{name} 20 clipped steps: gradient norms vs torch (relative)",
+               {f"step {i + 1}": abs(a - b) / b for i, (a, b) in enumerate(zip(norms, o["norms"]))}, 1e-4)
+    compare_state(f"{name} parameters after 20 clipped steps", rt.parameters(), o["params"], 1e-4, LR, STEPS)
+    m, v = rt.moments()
+    report(f"{name} first moments after 20 clipped steps", floored_errors(m, o["m"]), 1e-4)
+    report(f"{name} second moments after 20 clipped steps", floored_errors(v, o["v"]), 1e-4)
+
+
+def test_ort_training_refuses_another_clip_than_built(tiny_clip, tiny_index):
+    tb = batches(runtimes.load(tiny_index, runtime="reference", verify=False).art.config, 1, batch=2, seed=9)[0]
+    hp = runtimes.make_hp(LR, *BETAS, EPS, WD, step=1)
+    for folder, clip in ((tiny_clip, 0.0), (tiny_clip, 2 * CLIP), (tiny_index, CLIP)):
+        rt = runtimes.load(folder, runtime="ort-training")
+        with pytest.raises(runtimes.InputError, match="built with clip"):
+            rt.step(*tb, hp, clip)
+        assert rt.step_count == 0
+    rt = runtimes.load(tiny_index, runtime="ort-training")
+    rt.step(*tb, hp, float("inf"))  # inf is off, as 0 is: what tiny_index was built with
+
+
 # --- a realistic size on two threads ----------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,7 @@ def test_build_out_in_an_unwritable_folder(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("flag,value,needle", [
     ("--eps", "inf", "eps"), ("--eps", "nan", "eps"), ("--weight-decay", "inf", "weight_decay"),
     ("--weight-decay", "nan", "weight_decay"), ("--beta1", "0.9999999999", "beta1"),
-    ("--context", "100000000000", "parameters"),
+    ("--context", "100000000000", "context must be at most"), ("--vocab", "100000000000", "parameters"),
 ])
 def test_build_bad_values_exit_2_with_one_line(tmp_path, flag, value, needle):
     one_error_line(cli(*BUILD, flag, value, "--out", str(tmp_path / "art")), needle)

@@ -119,11 +119,11 @@ def inject_nan_update(monkeypatch, at_step: int) -> None:
         rt = real_load(*a, **kw)
         real_step = rt._step
 
-        def _step(tokens, positions, labels, hp):
+        def _step(tokens, positions, labels, hp, clip):
             if rt.step_count + 1 == at_step:
                 hp = hp.copy()
                 hp[0] = np.nan
-            return real_step(tokens, positions, labels, hp)
+            return real_step(tokens, positions, labels, hp, clip)
 
         rt._step = _step
         return rt

@@ -14,8 +14,8 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 from onnx.reference import ReferenceEvaluator
 
-from runtimes.reference import GatherElements  # onnx 1.23's reference op mishandles axis=-1
-from graphgen.adamw import HP_FIELDS, adamw_reference
+from tests.reference_ops import GatherElements  # the test graphs use axis=-1
+from graphgen.adamw import HP_FIELDS, adamw_reference, clip_coefficient
 from runtimes.hp import make_hp
 from graphgen.autodiff import AutodiffError
 from graphgen.train_step import build_grad_model, build_train_step
@@ -131,8 +131,9 @@ def built(request):
                 ts_ref=ReferenceEvaluator(ts, new_ops=[GatherElements]))
 
 
-def step_feeds(mode, hp, seed=0):
-    return {**param_feeds(seed), **state_feeds(seed), **data_feeds(mode, seed), "hp": np.asarray(hp, np.float32)}
+def step_feeds(mode, hp, seed=0, clip=0.0):
+    return {**param_feeds(seed), **state_feeds(seed), **data_feeds(mode, seed), "hp": np.asarray(hp, np.float32),
+            "clip": np.array(clip, np.float32)}
 
 
 def run_step(b, feeds, runtime="ort"):
@@ -143,11 +144,12 @@ def run_step(b, feeds, runtime="ort"):
 
 def numpy_step(b, feeds):
     """AdamW in NumPy applied to the gradients of the (separately built) gradient model."""
-    gm = b["gm_sess"].run(None, {k: v for k, v in feeds.items() if not k.startswith(("m.", "v.", "hp"))})
+    gm = b["gm_sess"].run(None, {k: v for k, v in feeds.items() if not k.startswith(("m.", "v.", "hp", "clip"))})
     grads = dict(zip(NAMES, gm[1:]))
-    out = {"loss": gm[0]}
+    norm, coef = clip_coefficient(grads.values(), float(feeds["clip"]))
+    out = {"loss": gm[0], "grad_norm": np.float32(norm)}
     for n in NAMES:
-        w, m, v = adamw_reference(feeds[n], grads[n], feeds[f"m.{n}"], feeds[f"v.{n}"], feeds["hp"])
+        w, m, v = adamw_reference(feeds[n], grads[n], feeds[f"m.{n}"], feeds[f"v.{n}"], feeds["hp"], coef)
         out[f"new.{n}"], out[f"new.m.{n}"], out[f"new.v.{n}"] = w, m, v
     return out, grads
 
@@ -168,12 +170,14 @@ def test_io_names_and_order(built):
     ts = built["ts"]
     ins = [i.name for i in ts.graph.input]
     assert ins == NAMES + [f"m.{n}" for n in NAMES] + [f"v.{n}" for n in NAMES] + \
-        ["tokens", "positions", "labels", "hp"]
+        ["tokens", "positions", "labels", "hp", "clip"]
     outs = [o.name for o in ts.graph.output]
-    assert outs == ["loss"] + [f"new.{n}" for n in NAMES] + [f"new.m.{n}" for n in NAMES] + \
+    assert outs == ["loss", "grad_norm"] + [f"new.{n}" for n in NAMES] + [f"new.m.{n}" for n in NAMES] + \
         [f"new.v.{n}" for n in NAMES]
     hp = ts.graph.input[ins.index("hp")].type.tensor_type
     assert hp.elem_type == TP.FLOAT and [d.dim_value for d in hp.shape.dim] == [7]
+    clip = ts.graph.input[ins.index("clip")].type.tensor_type
+    assert clip.elem_type == TP.FLOAT and list(clip.shape.dim) == []
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in ts.graph.input}
     for n, s in PARAMS:
         assert shapes[n] == shapes[f"m.{n}"] == shapes[f"v.{n}"] == list(s)
@@ -244,6 +248,33 @@ def test_step_matches_numpy_adamw(built, runtime):
         np.testing.assert_allclose(got[f"new.{n}"], w, rtol=1e-5, atol=1e-7, err_msg=n)
         np.testing.assert_allclose(got[f"new.m.{n}"], m, rtol=1e-5, atol=1e-8, err_msg=n)
         np.testing.assert_allclose(got[f"new.v.{n}"], v, rtol=1e-5, atol=1e-11, err_msg=n)
+
+
+def _float64_norm(grads) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in grads.values())))
+
+
+@pytest.mark.parametrize("runtime", ["ort", "reference"])
+@pytest.mark.parametrize("clip", ["off (0)", "off (inf)", "inactive", "active", "tiny"])
+def test_clipping_matches_clip_grad_norm_then_adamw(built, runtime, clip):
+    """g <- g * min(1, clip / (||g|| + 1e-6)) over all parameters together, before AdamW."""
+    hp = make_hp(2e-3, 0.85, 0.99, 1e-6, 0.05, step=3)
+    feeds = step_feeds(built["mode"], hp)
+    _, grads = numpy_step(built, feeds)
+    norm = _float64_norm(grads)
+    value = {"off (0)": 0.0, "off (inf)": np.inf, "inactive": 2 * norm, "active": 0.3 * norm, "tiny": 1e-4}[clip]
+    feeds["clip"] = np.array(value, np.float32)
+    got = run_step(built, feeds, runtime)
+    np.testing.assert_allclose(got["grad_norm"], norm, rtol=1e-5)
+    coef = min(1.0, value / (norm + 1e-6)) if value > 0 else 1.0
+    for n in NAMES:  # the literal formula on the clipped gradient, in float64
+        w, m, v = literal_formula(feeds[n], grads[n] * coef, feeds[f"m.{n}"], feeds[f"v.{n}"], hp)
+        np.testing.assert_allclose(got[f"new.{n}"], w, rtol=1e-5, atol=1e-7, err_msg=n)
+        np.testing.assert_allclose(got[f"new.m.{n}"], m, rtol=1e-5, atol=1e-8, err_msg=n)
+        np.testing.assert_allclose(got[f"new.v.{n}"], v, rtol=1e-5, atol=1e-11, err_msg=n)
+    if coef == 1.0:  # off or inactive: bit for bit the unclipped step
+        plain = run_step(built, {**feeds, "clip": np.array(0.0, np.float32)}, runtime)
+        assert all(got[k].tobytes() == plain[k].tobytes() for k in plain)
 
 
 def test_ort_and_reference_agree(built):

@@ -149,7 +149,7 @@ def page_text_batches(data: bytes, batch: int, seq: int, seed: int, n: int):
 
 
 # The pages one Chromium session drives, in order (the screenshot is of the first).
-TEXT_MODE = dict(batch=2, seq=32, seed=7, lr=0.002, threads=2)  # no step limit: the driver presses Stop
+TEXT_MODE = dict(batch=2, seq=32, seed=7, lr=0.002, clip=0.5, threads=2)  # no step limit: the driver presses Stop
 TEXT_STOP_AFTER = 5
 ST_STEPS, ST_LR = 3, 3e-3
 
@@ -219,13 +219,15 @@ def web_runs(web_tooling, tiny_index, tiny_dense, tmp_path_factory):
     return {name: (batches, json.loads(line)) for (name, (batches, _)), line in zip(pages.items(), lines)}
 
 
-def _python_run(folder: Path, batches, lr: float, dense: bool = False):
-    """(losses, runtime after the updates): the Python `ort` runtime on the same batches."""
+def _python_run(folder: Path, batches, lr: float, dense: bool = False, clip: float = 0.0):
+    """(losses, runtime after the updates): the Python `ort` runtime on the same batches;
+    ``rt.norms`` holds each step's gradient norm."""
     rt = runtimes.load(folder, runtime="ort")
-    out = []
+    out, rt.norms = [], []
     for i, (t, p, l) in enumerate(batches):
         labels = dense_labels(l, rt.art.config["vocab"]) if dense else l
-        out.append(rt.step(t, p, labels, runtimes.make_hp(**{**HP, "lr": lr}, step=i + 1)))
+        out.append(rt.step(t, p, labels, runtimes.make_hp(**{**HP, "lr": lr}, step=i + 1), clip))
+        rt.norms.append(rt.last_grad_norm)
     return out, rt
 
 
@@ -293,8 +295,10 @@ def test_web_text_mode_batches_match_python(web_runs, tiny_index):
     assert result["sample"]["step"] == n and result["backend"] == "wasm ×2"
     corpus = (WEB / "corpus.txt").read_bytes()
     batches = page_text_batches(corpus, TEXT_MODE["batch"], TEXT_MODE["seq"], TEXT_MODE["seed"], n)
-    py, rt = _python_run(tiny_index, batches, TEXT_MODE["lr"])
+    py, rt = _python_run(tiny_index, batches, TEXT_MODE["lr"], clip=TEXT_MODE["clip"])
     _compare("text mode (corpus.txt, stopped)", result, py)
+    assert sum(n > TEXT_MODE["clip"] for n in rt.norms) >= n / 2, rt.norms  # the clip= parameter was at work
+    np.testing.assert_allclose([r["grad_norm"] for r in result["log"]], rt.norms, rtol=1e-4)
     _check_sample(result, rt, 12, 0)
 
 

@@ -21,13 +21,14 @@ import path from 'node:path';
 // The manifest checker and the ONNX external-data check are the page's: hosts/web/lib.mjs is
 // plain JS for browsers and Node alike, so both hosts refuse the same artifacts.
 import {
-  CONFIG_KEYS, HP_LAYOUT, MANIFEST_FORMAT, MANIFEST_VERSIONS, checkManifest, checkSelfContained, mulberry32,
+  CONFIG_KEYS, HP_LAYOUT, MANIFEST_FORMAT, MANIFEST_VERSIONS, checkClip, checkManifest, checkSelfContained, mulberry32,
+  trainStepInputs, trainStepOutputs,
 } from '../web/lib.mjs';
 
 const require = createRequire(import.meta.url);
 
 export { CONFIG_KEYS, HP_LAYOUT, MANIFEST_FORMAT };
-export const SUPPORTED_VERSIONS = MANIFEST_VERSIONS; // 1 is retired: train_step.onnx with a racy ScatterND embedding gradient
+export const SUPPORTED_VERSIONS = MANIFEST_VERSIONS; // older ones are retired: lib.mjs says why
 export const HP_RTOL = 1e-4; // as runtimes/hp.py
 export const DENSE_SUM_TOL = 1e-3; // as runtimes/validate.py
 
@@ -533,8 +534,8 @@ export class PortableTrainer {
     this.inputNames = io.inputs.map((i) => i.name);
     this.outputNames = io.outputs.map((o) => o.name);
     const names = art.params.map((p) => p.name);
-    const expectIn = [...names, ...names.map((n) => `m.${n}`), ...names.map((n) => `v.${n}`), 'tokens', 'positions', 'labels', 'hp'];
-    const expectOut = ['loss', ...names.map((n) => `new.${n}`), ...names.map((n) => `new.m.${n}`), ...names.map((n) => `new.v.${n}`)];
+    const expectIn = trainStepInputs(art.params);
+    const expectOut = trainStepOutputs(art.params);
     for (const [what, want, have, sess] of [['inputs', expectIn, this.inputNames, session.inputNames], ['outputs', expectOut, this.outputNames, session.outputNames]]) {
       const missing = want.filter((n) => !have.includes(n) || !sess.includes(n));
       if (missing.length) throw new ArtifactError(`train_step.onnx ${what} lack ${missing.slice(0, 5).join(', ')} (manifest and model disagree with the train_step contract)`);
@@ -558,18 +559,25 @@ export class PortableTrainer {
     return makeHp(lr, beta1 ?? c.beta1, beta2 ?? c.beta2, eps ?? c.eps, weight_decay ?? c.weight_decay, this.stepCount + 1);
   }
 
-  /** Train on one batch; returns that batch's loss before the update. */
-  async step(tokens, positions, labels, hp) {
+  /**
+   * Train on one batch; returns that batch's loss before the update. clip > 0 scales the gradients
+   * to a global L2 norm of at most clip before AdamW (0 or Infinity: off); the norm before
+   * clipping is then this.lastGradNorm.
+   */
+  async step(tokens, positions, labels, hp, clip = 0) {
     const b = checkBatch(this.art.config, tokens, positions, labels);
     hp = checkHp(hp, this.stepCount + 1);
+    clip = checkClip(clip, InputError);
     const T = this.ort.Tensor;
     const feeds = { ...this.state };
     feeds.tokens = new T('int64', b.tokens.data, b.tokens.dims);
     feeds.positions = new T('int64', b.positions.data, b.positions.dims);
     feeds.labels = b.labels.data instanceof Float32Array ? new T('float32', b.labels.data, b.labels.dims) : new T('int64', b.labels.data, b.labels.dims);
     feeds.hp = new T('float32', hp, [7]);
+    feeds.clip = new T('float32', Float32Array.of(clip), []);
     const out = await this.session.run(feeds);
     const loss = Number(out.loss.data[0]);
+    this.lastGradNorm = Number(out.grad_norm.data[0]);
     if (!Number.isFinite(loss)) {
       throw new TrainingDiverged(`loss is ${loss} at step ${this.stepCount + 1}; the update was not applied (parameters and moments stay at step ${this.stepCount})`);
     }
@@ -700,10 +708,16 @@ export class TrainingSetTrainer {
     }
   }
 
-  async step(tokens, positions, labels, hp) {
+  /** As PortableTrainer.step; the clipping threshold is fixed in the optimizer model, so clip must be the built one. */
+  async step(tokens, positions, labels, hp, clip = this.art.config.clip ?? 0) {
     const b = checkBatch(this.art.config, tokens, positions, labels);
     hp = checkHp(hp, this.stepCount + 1);
     this.checkHpSupported(hp);
+    const built = this.art.config.clip ?? 0;
+    const fed = checkClip(clip, InputError) === Infinity ? 0 : Math.fround(clip);
+    if (Math.abs(fed - Math.fround(built)) > 1e-6 * Math.max(built, 1e-30)) {
+      throw new InputError(`clip = ${clip}, but optimizer_model.onnx was built with clip=${built} (0: off): the optimizer model fixes it when built; rebuild the artifacts with --clip or train train_step.onnx instead`);
+    }
     const T = this.ort.Tensor;
     const feeds = {
       tokens: new T('int64', b.tokens.data, b.tokens.dims),

@@ -3,9 +3,9 @@
 //
 //   node hosts/node/train.mjs --artifacts DIR --steps N [--lr 1e-3] [--batch B] [--seq T]
 //        [--seed S] [--data FILE | --batches FILE] [--out FILE]
-//        [--training-set] [--threads K]
+//        [--clip C] [--training-set] [--threads K]
 //
-// Prints `step N loss X` per step and, with --out, saves the trained weights as safetensors
+// Prints `step N loss X` (and `grad_norm G` on train_step.onnx) per step and, with --out, saves the trained weights as safetensors
 // (the layout of weights.safetensors), atomically and never inside the artifact folder.
 // Without --out nothing is written. Bad input: one `error: ...` line on stderr, exit status 2.
 
@@ -28,7 +28,7 @@ import {
 } from './gpt2train.mjs';
 
 const USAGE = `usage: node train.mjs --artifacts DIR [--steps N] [--lr LR] [--batch B] [--seq T] [--seed S]
-       [--data FILE | --batches FILE] [--out FILE] [--training-set] [--threads K]
+       [--data FILE | --batches FILE] [--out FILE] [--clip C] [--training-set] [--threads K]
   --artifacts DIR   artifact folder (python -m graphgen build --out DIR)
   --steps N         updates to run (required unless --batches, whose batch count is the default)
   --lr LR           constant learning rate (default 1e-3; a batch file carries its own)
@@ -40,13 +40,15 @@ const USAGE = `usage: node train.mjs --artifacts DIR [--steps N] [--lr LR] [--ba
                     (neither: seeded random tokens)
   --out FILE        save the trained weights here, safetensors (default: not saved);
                     replaced atomically, and never inside the artifact folder
+  --clip C          clip the global gradient norm to C before AdamW (default 0: off;
+                    --training-set: the threshold its optimizer model was built with)
   --training-set    run the ORT training set through onnxruntime-web 1.19.2
                     instead of train_step.onnx through onnxruntime-node
   --threads K       intra-op threads for onnxruntime-node`;
 
 const FLAGS = {
   '--artifacts': 'string', '--steps': 'int', '--lr': 'float', '--batch': 'int', '--seq': 'int', '--seed': 'int',
-  '--data': 'string', '--batches': 'string', '--out': 'string', '--threads': 'int', '--training-set': 'bool', '--help': 'bool',
+  '--data': 'string', '--batches': 'string', '--out': 'string', '--clip': 'float', '--threads': 'int', '--training-set': 'bool', '--help': 'bool',
 };
 
 function parseArgs(argv) {
@@ -101,6 +103,7 @@ async function main(argv) {
   atLeast('--seed', o.seed, 0);
   atLeast('--threads', o.threads, 1);
   atLeast('--lr', o.lr, 0);
+  atLeast('--clip', o.clip, 0);
   if (o.seed !== undefined && o.seed > 0xffffffff) throw new InputError(`--seed must be in [0, 4294967295], got ${o.seed}`);
   if (o.batches && (o.lr !== undefined || o.batch !== undefined || o.seq !== undefined || o.seed !== undefined)) {
     throw new InputError('--lr, --batch, --seq and --seed come from the batch file with --batches; drop them');
@@ -147,8 +150,8 @@ async function main(argv) {
     const b = next();
     const labels = cfg.labels === 'dense' ? denseLabels(b.labels, cfg.vocab) : b.labels;
     const hp = makeHp(hpBase.lr, hpBase.beta1, hpBase.beta2, hpBase.eps, hpBase.weight_decay, s);
-    const loss = await trainer.step(b.tokens, b.positions, labels, hp);
-    console.log(`step ${s} loss ${loss}`);
+    const loss = await trainer.step(b.tokens, b.positions, labels, hp, ...(o.clip === undefined ? [] : [o.clip]));
+    console.log(`step ${s} loss ${loss}` + (trainer.lastGradNorm === undefined ? '' : ` grad_norm ${trainer.lastGradNorm}`));
   }
   if (out !== undefined) {
     await trainer.save(out);

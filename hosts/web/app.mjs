@@ -5,17 +5,19 @@
 //   batches=URL                 train on exactly these batches (JSON or safetensors, see lib.mjs readBatches);
 //                               otherwise random windows of the bundled text (corpus=URL, default ./corpus.txt)
 //   batch=4 seq=<context> seed=0 lr=1e-3 steps=<N>   for the text mode (steps: stop after N; default: until Stop)
+//   clip=C                      global gradient-norm clipping before AdamW (0: off; default 1 in the text mode,
+//                               0 with batches=, whose file carries no threshold)
 //   ep=auto|wasm|webgpu         execution provider (auto: WebGPU when an adapter exists and the session starts)
 //   threads=N                   wasm threads (default: half the cores, at most 4, when the page is cross-origin
 //                               isolated; else 1)
 //   prompt="The " gen=200 temperature=0 sample_seed=0   text generated after training (temperature 0: greedy)
 //
-// For tests: window.trainLog = [{step, loss}], window.trainDone (true once training stopped and the
+// For tests: window.trainLog = [{step, loss, grad_norm}], window.trainDone (true once training stopped and the
 // sample is shown), window.sample = {tokens, promptLength, text}, window.trainError (message) on failure.
 
 import {
   argmax, batchAt, byteSampler, checkHp, checkSelfContained, denseLabels, makeHp, parseSafetensors,
-  readBatches, readManifest, sampleLogits, sha256Hex, trainStepInputs, weightsFor, mulberry32,
+  readBatches, readManifest, sampleLogits, sha256Hex, trainStepInputs, weightsFor, mulberry32, checkClip,
 } from './lib.mjs';
 
 const $ = (id) => document.getElementById(id);
@@ -224,7 +226,7 @@ async function main() {
   const V = config.vocab, C = config.context;
 
   // Training data: exact batches from a file, or windows of a text.
-  let nextBatch, totalSteps, hpBase, B, T, dataNote;
+  let nextBatch, totalSteps, hpBase, B, T, dataNote, clip;
   const batchesUrl = params.get('batches');
   if (batchesUrl) {
     ui.status(`loading batches ${batchesUrl} …`);
@@ -234,6 +236,7 @@ async function main() {
     const batches = readBatches(src, config, batchesUrl);
     ({ batch: B, seq: T } = batches);
     hpBase = batches.hp;
+    clip = checkClip(numParam('clip', 0, (v) => v >= 0, 'a number >= 0'));
     totalSteps = batches.n;
     nextBatch = (i) => batchAt(batches, i);
     dataNote = `${batches.n} batches from ${batchesUrl}`;
@@ -250,6 +253,7 @@ async function main() {
       beta1: config.beta1 ?? 0.9, beta2: config.beta2 ?? 0.999, eps: config.eps ?? 1e-8,
       weight_decay: config.weight_decay ?? 0.01,
     }, 'hyperparameters');
+    clip = checkClip(numParam('clip', 1, (v) => v >= 0, 'a number >= 0'));
     const draw = byteSampler(text, B, T, seed);
     nextBatch = () => draw();
     dataNote = `random ${B}x${T} windows of ${corpusUrl} (${text.length} bytes, seed ${seed})`;
@@ -279,7 +283,8 @@ async function main() {
   $('info').textContent =
     `${base}: d_model ${config.d_model}, ${config.n_layers} layers, context ${C}, vocab ${V}, ` +
     `${(nParams / 1e6).toFixed(2)}M parameters, ${config.labels} labels · data: ${dataNote} · ` +
-    `lr ${hpBase.lr}, betas (${hpBase.beta1}, ${hpBase.beta2}), eps ${hpBase.eps}, wd ${hpBase.weight_decay} · ` +
+    `lr ${hpBase.lr}, betas (${hpBase.beta1}, ${hpBase.beta2}), eps ${hpBase.eps}, wd ${hpBase.weight_decay}, ` +
+    `clip ${clip > 0 && clip < Infinity ? clip : 'off'} · ` +
     `onnxruntime-web ${ort.env.versions ? ort.env.versions.web || ort.env.versions.common : ''}, ` +
     `cross-origin isolated: ${globalThis.crossOriginIsolated === true}`;
 
@@ -287,6 +292,7 @@ async function main() {
   const dims = [B, T];
 
   let step = 0; // updates applied
+  let gradNorm = null; // global gradient norm of the last step, before clipping
   let running = false;
   let trainMs = 0;
 
@@ -305,8 +311,10 @@ async function main() {
       ? new ort.Tensor('float32', denseLabels(labels, V), [B, T, V])
       : new ort.Tensor('int64', labels, dims);
     feeds.hp = new ort.Tensor('float32', makeHp(hpBase, step + 1), [7]);
+    feeds.clip = new ort.Tensor('float32', Float32Array.of(clip), []);
     const out = await session.run(feeds);
     const loss = Number(out.loss.data[0]);
+    gradNorm = Number(out.grad_norm.data[0]);
     if (!Number.isFinite(loss)) {
       throw new Error(`loss is ${loss} at step ${step + 1}; the update was not applied (state stays at step ${step})`);
     }
@@ -377,7 +385,7 @@ async function main() {
         const t0 = performance.now();
         const loss = await trainStep();
         trainMs += performance.now() - t0;
-        window.trainLog.push({ step, loss });
+        window.trainLog.push({ step, loss, grad_norm: gradNorm });
         showStats(loss);
         await yieldToBrowser();
       }

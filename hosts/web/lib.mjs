@@ -73,9 +73,10 @@ export function parseSafetensors(buffer, what = 'safetensors file') {
 // refuses what runtimes/artifacts.py (load_artifacts, _check_manifest) refuses.
 
 export const MANIFEST_FORMAT = 'gpt2-onnx-artifacts';
-export const MANIFEST_VERSIONS = [2];
+export const MANIFEST_VERSIONS = [3];
 const RETIRED_VERSIONS = new Map([
   [1, 'its train_step.onnx computes wrong embedding gradients on onnxruntime with 2+ threads (ScatterND add races on repeated tokens)'],
+  [2, 'its train_step.onnx has no gradient-clipping input (clip) or grad_norm output'],
 ]);
 export const CONFIG_KEYS = ['vocab', 'context', 'd_model', 'n_heads', 'd_ff', 'n_layers', 'seed', 'init', 'labels'];
 const CONFIG_SIZES = ['vocab', 'context', 'd_model', 'n_heads', 'd_ff', 'n_layers'];
@@ -133,12 +134,14 @@ export function checkManifest(manifest, where = 'manifest.json', Err = Error) {
     if (!Number.isInteger(cfg[k]) || cfg[k] < 1) bad(`config.${k} = ${show(cfg[k])}, expected an integer >= 1`);
   }
   if (cfg.labels !== 'index' && cfg.labels !== 'dense') bad(`config.labels = ${show(cfg.labels)}, expected "index" or "dense"`);
-  // The AdamW constants the hosts build hp from (optional: a caller may give its own).
+  // The AdamW constants the hosts build hp from, and the training set's clipping threshold
+  // (optional: a caller may give its own).
   for (const [k, ok, range] of [
     ['beta1', (v) => v >= 0 && v < 1, 'in [0, 1)'],
     ['beta2', (v) => v >= 0 && v < 1, 'in [0, 1)'],
     ['eps', (v) => v > 0, '> 0'],
     ['weight_decay', (v) => v >= 0, '>= 0'],
+    ['clip', (v) => v >= 0, '>= 0'],
   ]) {
     if (own(cfg, k) && !(typeof cfg[k] === 'number' && Number.isFinite(cfg[k]) && ok(cfg[k]))) bad(`config.${k} = ${show(cfg[k])}, expected a number ${range}`);
   }
@@ -351,10 +354,27 @@ export function weightsFor(params, parsed, what = 'weights.safetensors') {
   return out;
 }
 
-/** The train_step input names in order: params, m.<p>, v.<p>, tokens, positions, labels, hp. */
+/** The train_step input names in order: params, m.<p>, v.<p>, tokens, positions, labels, hp, clip. */
 export function trainStepInputs(params) {
   const names = params.map((p) => p.name);
-  return [...names, ...names.map((n) => `m.${n}`), ...names.map((n) => `v.${n}`), 'tokens', 'positions', 'labels', 'hp'];
+  return [...names, ...names.map((n) => `m.${n}`), ...names.map((n) => `v.${n}`), 'tokens', 'positions', 'labels', 'hp', 'clip'];
+}
+
+/** The train_step output names in order: loss, grad_norm, new.<p>, new.m.<p>, new.v.<p>. */
+export function trainStepOutputs(params) {
+  const names = params.map((p) => p.name);
+  return ['loss', 'grad_norm', ...names.map((n) => `new.${n}`), ...names.map((n) => `new.m.${n}`), ...names.map((n) => `new.v.${n}`)];
+}
+
+/**
+ * The global gradient-norm clipping threshold train_step.onnx reads as a float32 scalar: a number
+ * >= 0, where 0 and Infinity turn clipping off (as runtimes.hp.check_clip). Throws for anything else.
+ */
+export function checkClip(clip, Err = Error) {
+  if (typeof clip !== 'number' || Number.isNaN(clip) || clip < 0) {
+    throw new Err(`clip must be a number >= 0 (0 or Infinity: off), got ${JSON.stringify(clip) ?? String(clip)}`);
+  }
+  return Math.fround(clip);
 }
 
 /**

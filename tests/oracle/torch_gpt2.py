@@ -178,6 +178,7 @@ class TorchGPT2:
             self.params[name] = t.requires_grad_(True)
         self.optimizer: torch.optim.AdamW | None = None
         self.steps = 0
+        self.grad_norms: list[float] = []  # clip_grad_norm_'s results, one per clipped step
 
     # ----------------------------------------------------------------- inputs
     def _settings(self):
@@ -287,8 +288,12 @@ class TorchGPT2:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
+        clip: float = 0.0,
     ) -> list[float]:
         """One AdamW step per (tokens, positions, labels) batch; returns each step's loss.
+
+        ``clip`` > 0: ``torch.nn.utils.clip_grad_norm_(params, clip)`` before each step;
+        the norms it returns (before clipping) are appended to ``self.grad_norms``.
 
         The loss reported for a step is computed before that step's update (as a
         train step returns it). The optimizer persists across calls, so
@@ -327,6 +332,9 @@ class TorchGPT2:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self._loss_graph(tokens, positions, labels)
                 loss.backward()
+                if clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(tensors, clip, foreach=False)
+                    self.grad_norms.append(float(norm))
                 self.optimizer.step()
                 self.steps += 1
                 losses.append(float(loss.detach()))
