@@ -28,8 +28,8 @@ venv: $(STAMP)
 
 artifacts: $(foreach c,$(CONFIGS),artifacts/$(c)/manifest.json)
 
-# An artifact folder is rebuilt when the builder's code changes.
-artifacts/%/manifest.json: $(STAMP) $(wildcard graphgen/*.py)
+# An artifact folder is rebuilt when anything it is built from changes: the builder and the contract.
+artifacts/%/manifest.json: $(STAMP) $(wildcard graphgen/*.py contract/*.py contract/*.json)
 	$(VPY) -m graphgen build --config $* --out artifacts/$*
 
 train: artifacts/small/manifest.json

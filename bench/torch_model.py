@@ -1,6 +1,6 @@
 """The benchmark's PyTorch baseline: the oracle's GPT-2 with all heads batched.
 
-Same math as tests/oracle/torch_gpt2.py (and DESIGN.md): pre-LN, LN eps 1e-5,
+Same math as tests/oracle/torch_gpt2.py (and docs/semantics.md): pre-LN, LN eps 1e-5,
 tanh GELU, per-head attention with the value bias added after attention, tied
 logits, mean cross-entropy over positions; parameters in the same names and
 shapes. The difference is speed only: the oracle loops over heads for
@@ -13,7 +13,7 @@ F.scaled_dot_product_attention(is_causal=True) (same math, PyTorch's fastest
 CPU kernel), reported as a second baseline.
 
 The optimizer is torch.optim.AdamW with every parameter decayed, ``foreach=True``
-(the multi-tensor implementation), as the issue specifies.
+(the multi-tensor implementation).
 """
 
 from __future__ import annotations

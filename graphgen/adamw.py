@@ -36,8 +36,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-HP_FIELDS = ("lr", "beta1", "beta2", "eps", "weight_decay", "beta1h", "beta2h")
-CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s, added to the norm before dividing
+from contract import CLIP_EPS  # noqa: E402  (torch.nn.utils.clip_grad_norm_'s, added to the norm before dividing)
+from contract import HP_LAYOUT as HP_FIELDS  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -27,17 +27,17 @@ from pathlib import Path
 import onnx
 from safetensors.numpy import save_file
 
-from runtimes.artifacts import MANIFEST_FORMAT, describe_io, sha256_file  # the runners check with the same
+from contract import (CLIP_INPUT, CONSTANTS, GRAD_NORM_OUTPUT, HP_LAYOUT, IR_VERSION, MANIFEST_FORMAT, MANIFEST_VERSION,
+                      OPSET, TRAINING_FILES, TRAINING_SET_OPSET, name_template)
+from contract.files import sha256_file
+from contract.manifest import describe_io
 
-from .adamw import HP_FIELDS
 from .config import GPT2Config, param_specs
 from .init import init_weights
-from .model import IR_VERSION, OPSET, TRAINING_SET_OPSET, build_forward_logits, build_forward_loss
-from .ort_training_set import TRAINING_FILES, write_training_set
+from .model import build_forward_logits, build_forward_loss
+from .ort_training_set import write_training_set
 from .train_step import build_train_step
 
-# 3: train_step.onnx takes the gradient-clipping threshold `clip` and outputs `grad_norm`.
-MANIFEST_VERSION = 3
 
 
 def _tool_versions() -> dict[str, str]:
@@ -180,18 +180,18 @@ def _manifest(cfg: GPT2Config, folder: Path) -> dict:
         "ir_version": IR_VERSION,
         "parameters": [{"name": n, "shape": list(s), "dtype": "float32"} for n, s in param_specs(cfg)],
         "hp": {
-            "dtype": "float32",
-            "length": len(HP_FIELDS),
-            "layout": list(HP_FIELDS),
-            "notes": "beta1h = 1/(1-beta1^t), beta2h = 1/(1-beta2^t) with the float32 betas of hp, in float64, rounded to float32; t = 1 for the first step",
+            "dtype": CONSTANTS["hp"]["dtype"],
+            "length": len(HP_LAYOUT),
+            "layout": list(HP_LAYOUT),
+            "notes": CONSTANTS["hp"]["notes"],
         },
         "training_set": list(TRAINING_FILES),
         "train_step": {
             "file": "train_step.onnx",
-            "moments": {"m": "m.<param>", "v": "v.<param>"},
-            "outputs": {"param": "new.<param>", "m": "new.m.<param>", "v": "new.v.<param>"},
-            "clip": {"input": "clip", "dtype": "float32", "shape": [], "off": "0 or inf",
-                     "norm_output": "grad_norm",
+            "moments": {"m": name_template("m"), "v": name_template("v")},
+            "outputs": {"param": name_template("new_param"), "m": name_template("new_m"), "v": name_template("new_v")},
+            "clip": {"input": CLIP_INPUT, "dtype": "float32", "shape": [], "off": CONSTANTS["clip"]["off"],
+                     "norm_output": GRAD_NORM_OUTPUT,
                      "rule": "norm = sqrt(sum over parameters of sum(g^2)); "
                              "g <- g * min(1, clip / (norm + 1e-6)) before AdamW (torch.nn.utils.clip_grad_norm_)"},
             "update": "m' = b1 m + (1-b1) g; v' = b2 v + (1-b2) g^2; "

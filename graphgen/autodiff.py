@@ -15,13 +15,40 @@ or onnx_ir is needed at this level.
    Cast to int, ...) are therefore never differentiated.
 3. The on-path nodes are walked in reverse topological order. Each node's
    output cotangents are the sum of every contribution received (one ``Sum``
-   node when a value is used more than once: tied weights get the sum). A rule
-   from :data:`graphgen.vjp_rules.RULES` (op_type -> function) emits the
-   vector-Jacobian-product nodes for the node's active inputs. An on-path op
-   without a rule raises :class:`UnsupportedOpError` naming the op and the node.
+   node when a value is used more than once: tied weights get the sum). The
+   rule registered in :data:`RULES` for the node's op emits the
+   vector-Jacobian-product nodes for its active inputs (see "Rules" below). An
+   on-path op without a rule raises :class:`UnsupportedOpError` naming the op
+   and the node.
 4. Backward nodes are appended to ``model.graph.node`` (after every forward
    node, so the graph stays topologically sorted); constants become
    initializers named ``bw/c<N>`` (shared by value).
+
+Rules
+-----
+A rule is ``fn(ctx, node, gouts)``: ``gouts[k]`` is the name of the cotangent of
+``node.output[k]`` (or None when nothing downstream needs it); it returns (or
+yields) one result per input, in input order: a value name, ``None`` (no
+gradient) or :class:`Negated`. It may stop early (the remaining inputs get no
+gradient) but never return more results than the node has inputs. Rules are
+math only; the engine
+
+* sums each cotangent down to its input's shape when the rule was registered
+  with ``grad_like`` (ops that broadcast their inputs): ``grad_like(ctx, node, i)``
+  names the forward value (or gives the dims) the cotangent of input ``i`` is
+  shaped like, or None when it already has input ``i``'s shape. Statically equal
+  shapes emit no node (:meth:`Ctx.reduce_to`);
+* applies :class:`Negated` after that sum, on the smaller tensor;
+* drops results for inputs that are not active.
+
+The engine consumes a rule's results one at a time, so a rule written as a
+generator has each input's reduction emitted right after that input's
+cotangent, before the rule's nodes for the next input.
+
+:data:`RULES` is filled by :mod:`graphgen.vjp_rules`, which registers into it with
+:func:`rule`; this module imports nothing from there (the dependency runs one
+way). The package's ``__init__`` imports the rules module, so importing any
+``graphgen`` module leaves the table filled.
 
 Public entry points: :func:`add_gradients` (scalar loss, seed 1) and
 :func:`add_vjp` (any outputs, caller-supplied cotangent values).
@@ -30,6 +57,7 @@ Public entry points: :func:`add_gradients` (scalar loss, seed 1) and
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +78,43 @@ class UnsupportedOpError(ValueError):
 
 class AutodiffError(ValueError):
     """The graph cannot be differentiated (unknown rank, bad name, ...)."""
+
+
+# ---- the rule table -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A registered VJP rule: ``fn`` computes the input cotangents; ``grad_like``, when set,
+    says what each one is shaped like (see the module docstring) so the engine sums it
+    down to its input's shape."""
+    fn: Callable
+    grad_like: Callable | None = None
+
+
+RULES: dict[str, Rule] = {}  # op_type (default domain) -> rule
+
+
+def rule(*ops: str, grad_like: Callable | None = None):
+    """Decorator registering ``fn`` as the VJP rule of each op in ``ops``."""
+    def deco(fn):
+        for op in ops:
+            RULES[op] = Rule(fn, grad_like)
+        return fn
+    return deco
+
+
+def like_output(ctx, node, i):
+    """``grad_like`` for numpy-broadcasting ops: every input's cotangent comes back shaped
+    like the node's output."""
+    return node.output[0]
+
+
+@dataclass(frozen=True)
+class Negated:
+    """A rule's result meaning "minus ``value``". Summing commutes with negation, so the
+    engine negates after summing to the input's shape, where there are fewer elements."""
+    value: str
 
 
 @dataclass
@@ -313,8 +378,6 @@ def add_vjp(model: onnx.ModelProto, outputs: list[str], cotangents: list[str], w
     the graph (inputs, initializers or node outputs) and have their output's shape.
     Returns {wrt_name: gradient value name}. Values of ``wrt`` that the outputs do not
     depend on get zeros. Mutates ``model`` in place."""
-    from graphgen.vjp_rules import RULES
-
     graph = model.graph
     _topo_check(graph)
     ctx = Ctx(model, prefix)
@@ -361,18 +424,22 @@ def add_vjp(model: onnx.ModelProto, outputs: list[str], cotangents: list[str], w
         gouts = [total(y) if (y and y in active) else None for y in n.output]
         if all(g is None for g in gouts):
             continue
-        rule = RULES.get(n.op_type) if n.domain in ("", "ai.onnx") else None
-        if rule is None:
+        entry = RULES.get(n.op_type) if n.domain in ("", "ai.onnx") else None
+        if entry is None:
             dom = f" (domain {n.domain!r})" if n.domain not in ("", "ai.onnx") else ""
             raise UnsupportedOpError(
                 f"no gradient rule for op {n.op_type}{dom} at node {n.name!r} "
                 f"(inputs {list(n.input)}) on a path from the parameters to the loss")
         ctx.node = n
-        gins = rule(ctx, n, gouts)
+        results = iter(entry.fn(ctx, n, gouts))
+        for i, gi in enumerate(results):
+            if i >= len(n.input):
+                got = i + 1 + sum(1 for _ in results)
+                raise AutodiffError(f"the {n.op_type} rule returned {got} results for node {n.name!r}, "
+                                    f"which has {len(n.input)} inputs")
+            if gi is not None and n.input[i] in active:
+                contributions[n.input[i]].append(_to_input_shape(ctx, entry, n, i, gi))
         ctx.node = None
-        for i, gi in enumerate(gins):
-            if gi is not None and i < len(n.input) and n.input[i] in active:
-                contributions[n.input[i]].append(gi)
 
     result = {}
     for name in wrt:
@@ -383,6 +450,17 @@ def add_vjp(model: onnx.ModelProto, outputs: list[str], cotangents: list[str], w
         result[name] = g
     _prune_backward(graph, len(fwd_nodes), set(result.values()))
     return result
+
+
+def _to_input_shape(ctx: Ctx, entry: Rule, node: onnx.NodeProto, i: int, gi) -> str:
+    """Rule result ``gi`` for ``node.input[i]`` as that input's cotangent: summed over the
+    axes the input was broadcast along (per ``entry.grad_like``), then negated if asked."""
+    neg = isinstance(gi, Negated)
+    g = gi.value if neg else gi
+    like = entry.grad_like(ctx, node, i) if entry.grad_like is not None else None
+    if like is not None:
+        g = ctx.reduce_to(g, node.input[i], like)
+    return ctx.emit("Neg", [g]) if neg else g
 
 
 def _prune_backward(graph: onnx.GraphProto, n_forward: int, keep: set[str]) -> None:

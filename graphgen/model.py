@@ -42,6 +42,8 @@ import onnx
 import onnx_ir as ir
 from onnxscript import GraphBuilder
 
+from contract import IR_VERSION, OPSET, TRAINING_SET_OPSET
+
 from .config import LN_EPS, GPT2Config, param_specs
 
 
@@ -53,14 +55,11 @@ class Spelling:
 
 
 SPELLINGS = {
-    "portable": Spelling(opset=20, gelu_op=True, ln_statistics=False),
-    "ort-training": Spelling(opset=17, gelu_op=False, ln_statistics=True),
+    "portable": Spelling(opset=OPSET, gelu_op=True, ln_statistics=False),  # train_step.onnx, forward.onnx
+    "ort-training": Spelling(opset=TRAINING_SET_OPSET, gelu_op=False, ln_statistics=True),
 }
-OPSET = SPELLINGS["portable"].opset  # train_step.onnx, forward.onnx
-TRAINING_SET_OPSET = SPELLINGS["ort-training"].opset
 # The `gelu=` argument of the builders names a spelling by its GELU.
 GELU_SPELLINGS = {"op": "portable", "expanded": "ort-training"}
-IR_VERSION = 10  # onnxruntime 1.19 reads IR <= 10; onnx 1.23 would write 11+
 GELU_C = math.sqrt(2.0 / math.pi)
 
 

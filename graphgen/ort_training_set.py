@@ -3,7 +3,7 @@
 Made with onnxruntime-training 1.19.2's ``artifacts.generate_artifacts`` (its
 gradient builder derives the backward pass; ours in train_step.onnx is an
 independent derivation), then corrected where 1.19.2's defaults differ from the
-seed (see NOTES.md):
+seed (docs/dependencies.md):
 - onnxblock's AdamW hard-codes ``adam_mode=1`` (Hugging Face: decay after the
   update). The seed's update is PyTorch's AdamW: ``adam_mode=0`` with
   ``correct_bias=1``; we rewrite the attribute.
@@ -29,14 +29,12 @@ import onnx
 from onnx import numpy_helper
 
 from .config import GPT2Config
-from .model import IR_VERSION
-
-TRAINING_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+from contract import IR_VERSION, TRAINING_FILES  # noqa: F401  (TRAINING_FILES: the files this writes)
 
 
 def _import_ort_training():
     """onnxruntime.training's artifacts/onnxblock, without torch (runtimes.ort_env says how)."""
-    from runtimes.ort_env import import_onnxruntime, stub_training_package
+    from contract.ort_env import import_onnxruntime, stub_training_package
 
     if stub_training_package() is None:
         raise ImportError(

@@ -17,11 +17,12 @@ import copy
 import onnx
 from onnx import TensorProto, helper
 
+from contract import (BATCH_INPUTS, CLIP_INPUT, GRAD_NORM_OUTPUT, HP_INPUT, HP_LAYOUT, IR_VERSION, m_name, new_m_name,
+                      new_name, new_v_name, v_name)
 from graphgen.adamw import AdamWSlot, adamw_nodes
 from graphgen.autodiff import AutodiffError, add_gradients
 
-DATA_INPUTS = ("tokens", "positions", "labels")
-IR_VERSION = 10
+DATA_INPUTS = BATCH_INPUTS
 
 
 def _check_forward(forward: onnx.ModelProto, param_names: list[str], float32: bool = True) -> onnx.ModelProto:
@@ -83,27 +84,27 @@ def build_train_step(forward: onnx.ModelProto, param_names: list[str], validate:
     param_names = list(param_names)
     grads = add_gradients(model, "loss", param_names)
 
-    slots = [AdamWSlot(p, grads[p], f"m.{p}", f"v.{p}", f"new.{p}", f"new.m.{p}", f"new.v.{p}")
+    slots = [AdamWSlot(p, grads[p], m_name(p), v_name(p), new_name(p), new_m_name(p), new_v_name(p))
              for p in param_names]
-    nodes, inits = adamw_nodes(slots, hp="hp", clip="clip", grad_norm="grad_norm")
+    nodes, inits = adamw_nodes(slots, hp=HP_INPUT, clip=CLIP_INPUT, grad_norm=GRAD_NORM_OUTPUT)
     g.node.extend(nodes)
     g.initializer.extend(inits)
 
     inputs = {i.name: copy.deepcopy(i) for i in g.input}
     del g.input[:]
     g.input.extend(inputs[p] for p in param_names)
-    g.input.extend(_value_info(inputs[p], f"m.{p}") for p in param_names)
-    g.input.extend(_value_info(inputs[p], f"v.{p}") for p in param_names)
+    g.input.extend(_value_info(inputs[p], m_name(p)) for p in param_names)
+    g.input.extend(_value_info(inputs[p], v_name(p)) for p in param_names)
     g.input.extend(inputs[n] for n in DATA_INPUTS)
-    g.input.append(helper.make_tensor_value_info("hp", TensorProto.FLOAT, [7]))
-    g.input.append(helper.make_tensor_value_info("clip", TensorProto.FLOAT, []))
+    g.input.append(helper.make_tensor_value_info(HP_INPUT, TensorProto.FLOAT, [len(HP_LAYOUT)]))
+    g.input.append(helper.make_tensor_value_info(CLIP_INPUT, TensorProto.FLOAT, []))
 
     loss_vi = copy.deepcopy(g.output[0])
     del g.output[:]
     g.output.append(loss_vi)
-    g.output.append(helper.make_tensor_value_info("grad_norm", TensorProto.FLOAT, []))
-    for prefix in ("new.", "new.m.", "new.v."):
-        g.output.extend(_value_info(inputs[p], prefix + p) for p in param_names)
+    g.output.append(helper.make_tensor_value_info(GRAD_NORM_OUTPUT, TensorProto.FLOAT, []))
+    for name in (new_name, new_m_name, new_v_name):
+        g.output.extend(_value_info(inputs[p], name(p)) for p in param_names)
     g.name = (g.name or "gpt2") + "_train_step"
     model.ir_version = IR_VERSION
     if validate:

@@ -1,11 +1,15 @@
-"""Vector-Jacobian-product rules: op_type -> function emitting the backward nodes.
+"""Vector-Jacobian-product rules, one per ONNX op, registered into the engine's table
+(:data:`graphgen.autodiff.RULES`) with :func:`graphgen.autodiff.rule`.
 
-Each rule has the signature ``rule(ctx, node, gouts) -> list`` where ``gouts[k]`` is
-the name of the cotangent of ``node.output[k]`` (or None when nothing downstream
-needs it) and the result holds, per input, the name of that input's cotangent or
-None. Rules only compute the inputs ``ctx.needs(i)`` says are differentiable;
-cotangents of broadcast inputs are summed back to the input's shape with
-``ctx.reduce_to``. Notation: ``g`` is the output cotangent, ``Y`` the forward output.
+Each rule is ``rule(ctx, node, gouts)`` where ``gouts[k]`` is the name of the
+cotangent of ``node.output[k]`` (or None when nothing downstream needs it); it
+returns (or yields) per input that input's cotangent, None, or ``Negated(value)``,
+and may stop after the last input that has one. The protocol is in
+:mod:`graphgen.autodiff`'s docstring. Rules emit nodes only for the inputs
+``ctx.needs(i)`` says are differentiable. Ops that broadcast register ``grad_like``:
+their rules return cotangents shaped like the output (``unbroadcast`` in the
+comments) and the engine sums each one down to its input's shape. Notation: ``g`` is
+the output cotangent, ``Y`` the forward output.
 """
 
 from __future__ import annotations
@@ -13,17 +17,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
-from graphgen.autodiff import Ctx, UnsupportedOpError
+from graphgen.autodiff import RULES, Ctx, Negated, UnsupportedOpError, like_output, rule
 
-RULES: dict = {}
-
-
-def rule(*ops):
-    def deco(fn):
-        for op in ops:
-            RULES[op] = fn
-        return fn
-    return deco
+__all__ = ["RULES"]  # the engine's table, filled by this module's @rule registrations
 
 
 def _unsupported(ctx: Ctx, node, why: str):
@@ -54,54 +50,48 @@ def vjp_neg(ctx, node, gouts):
     return [ctx.emit("Neg", [gouts[0]])]
 
 
-@rule("Add")
+@rule("Add", grad_like=like_output)
 def vjp_add(ctx, node, gouts):
     # Y = A + B  ->  gA = unbroadcast(g), gB = unbroadcast(g)
-    g, y = gouts[0], node.output[0]
-    return [ctx.reduce_to(g, node.input[i], y) if ctx.needs(i) else None for i in range(2)]
+    return [gouts[0], gouts[0]]
 
 
-@rule("Sum")
+@rule("Sum", grad_like=like_output)
 def vjp_sum(ctx, node, gouts):
     # Y = X0 + X1 + ...  ->  gXi = unbroadcast(g)
-    g, y = gouts[0], node.output[0]
-    return [ctx.reduce_to(g, x, y) if ctx.needs(i) else None for i, x in enumerate(node.input)]
+    return [gouts[0]] * len(node.input)
 
 
-@rule("Sub")
+@rule("Sub", grad_like=like_output)
 def vjp_sub(ctx, node, gouts):
     # Y = A - B  ->  gA = unbroadcast(g), gB = -unbroadcast(g)
-    g, y = gouts[0], node.output[0]
-    ga = ctx.reduce_to(g, node.input[0], y) if ctx.needs(0) else None
-    gb = ctx.emit("Neg", [ctx.reduce_to(g, node.input[1], y)]) if ctx.needs(1) else None
-    return [ga, gb]
+    return [gouts[0], Negated(gouts[0])]
 
 
-@rule("Mul")
+@rule("Mul", grad_like=like_output)
 def vjp_mul(ctx, node, gouts):
     # Y = A * B  ->  gA = unbroadcast(g * B), gB = unbroadcast(g * A)
-    g, y = gouts[0], node.output[0]
+    # (a generator: each product is summed to its input's shape before the next is emitted)
+    g = gouts[0]
     a, b = node.input
-    ga = ctx.reduce_to(ctx.emit("Mul", [g, b]), a, y) if ctx.needs(0) else None
-    gb = ctx.reduce_to(ctx.emit("Mul", [g, a]), b, y) if ctx.needs(1) else None
-    return [ga, gb]
+    yield ctx.emit("Mul", [g, b]) if ctx.needs(0) else None
+    yield ctx.emit("Mul", [g, a]) if ctx.needs(1) else None
 
 
-@rule("Div")
+@rule("Div", grad_like=like_output)
 def vjp_div(ctx, node, gouts):
     # Y = A / B  ->  gA = unbroadcast(g / B), gB = -unbroadcast((g / B) * Y)   (dY/dB = -A/B^2 = -Y/B)
     g, y = gouts[0], node.output[0]
-    a, b = node.input
+    b = node.input[1]
     t = ctx.emit("Div", [g, b])
-    ga = ctx.reduce_to(t, a, y) if ctx.needs(0) else None
-    gb = ctx.emit("Neg", [ctx.reduce_to(ctx.emit("Mul", [t, y]), b, y)]) if ctx.needs(1) else None
-    return [ga, gb]
+    yield t if ctx.needs(0) else None
+    yield Negated(ctx.emit("Mul", [t, y])) if ctx.needs(1) else None
 
 
-@rule("Pow")
+@rule("Pow", grad_like=like_output)
 def vjp_pow(ctx, node, gouts):
     # Y = X ^ p (p not differentiable)  ->  gX = unbroadcast(g * p * X^(p-1))
-    g, y = gouts[0], node.output[0]
+    g = gouts[0]
     x, p = node.input
     if ctx.needs(1):
         _unsupported(ctx, node, "the exponent depends on a parameter (only constant exponents are supported)")
@@ -118,8 +108,7 @@ def vjp_pow(ctx, node, gouts):
         pm1 = ctx.emit("Sub", [p, ctx.const(np.array(1, dtype=ctx.np_dtype(p)))])
         pc = p if ctx.dtype(p) == ctx.dtype(x) else ctx.emit("Cast", [p], to=ctx.dtype(x))
         d = ctx.emit("Mul", [ctx.emit("Pow", [x, pm1]), pc])
-    gx = g if d is None else ctx.emit("Mul", [g, d])
-    return [ctx.reduce_to(gx, x, y), None]
+    return [g if d is None else ctx.emit("Mul", [g, d])]
 
 
 @rule("Tanh")
@@ -206,21 +195,21 @@ def vjp_gelu(ctx, node, gouts):
     return [ctx.emit("Mul", [g, d])]
 
 
-@rule("Where")
+@rule("Where", grad_like=like_output)
 def vjp_where(ctx, node, gouts):
     # Y = where(C, A, B)  ->  gA = unbroadcast(where(C, g, 0)), gB = unbroadcast(where(C, 0, g))
-    g, y = gouts[0], node.output[0]
-    c, a, b = node.input
-    zero = ctx.scalar(0.0, y)
-    ga = ctx.reduce_to(ctx.emit("Where", [c, g, zero]), a, y) if ctx.needs(1) else None
-    gb = ctx.reduce_to(ctx.emit("Where", [c, zero, g]), b, y) if ctx.needs(2) else None
-    return [None, ga, gb]
+    g = gouts[0]
+    c = node.input[0]
+    zero = ctx.scalar(0.0, node.output[0])
+    yield None  # C is a condition
+    yield ctx.emit("Where", [c, g, zero]) if ctx.needs(1) else None
+    yield ctx.emit("Where", [c, zero, g]) if ctx.needs(2) else None
 
 
-@rule("Expand")
+@rule("Expand", grad_like=like_output)
 def vjp_expand(ctx, node, gouts):
     # Y = broadcast(X, shape)  ->  gX = unbroadcast(g)
-    return [ctx.reduce_to(gouts[0], node.input[0], node.output[0]), None]
+    return [gouts[0]]
 
 
 # --------------------------------------------------------------------------- linear algebra
@@ -240,23 +229,34 @@ def _last_dim(ctx, x: str) -> str:
     return ctx.emit("Shape", [x], hint="lastdim", start=ctx.rank(x) - 1)
 
 
-@rule("MatMul")
+def _one_gemm(ctx, node) -> bool:
+    """MatMul's A (..., M, K) with a 2-D B: gB is one GEMM over the flattened batch."""
+    return ctx.rank(node.input[1]) == 2 and ctx.rank(node.input[0]) > 2
+
+
+def _matmul_grad_like(ctx, node, i):
+    # g @ B^T and A^T @ g carry Y's batch dims and the operand's matrix dims; the one-GEMM gB
+    # already has B's shape
+    if i == 1 and _one_gemm(ctx, node):
+        return None
+    return ctx.dims(node.output[0])[:-2] + ctx.dims(node.input[i])[-2:]
+
+
+@rule("MatMul", grad_like=_matmul_grad_like)
 def vjp_matmul(ctx, node, gouts):
     # Y = A @ B (batched, broadcast batch dims)
     #   gA = unbroadcast(g @ B^T),  gB = unbroadcast(A^T @ g)
     # A (..., M, K) with B (K, N): gB = reshape(A, (-1, K))^T @ reshape(g, (-1, N)) (one GEMM).
+    # (a generator: gA is summed to A's shape before gB's nodes are emitted)
     g, y = gouts[0], node.output[0]
     a, b = node.input
     ra, rb = ctx.rank(a), ctx.rank(b)
     if ra < 2 or rb < 2:
         _unsupported(ctx, node, "MatMul with a 1-D operand")
     ydims = ctx.dims(y)
-    ga = gb = None
-    if ctx.needs(0):
-        full = ctx.emit("MatMul", [g, _swap_last2(ctx, b)])
-        ga = ctx.reduce_to(full, a, ydims[:-2] + ctx.dims(a)[-2:])
+    yield ctx.emit("MatMul", [g, _swap_last2(ctx, b)]) if ctx.needs(0) else None
     if ctx.needs(1):
-        if rb == 2 and ra > 2:
+        if _one_gemm(ctx, node):
             neg1 = ctx.ints([-1])
             a2 = ctx.emit("Reshape", [a, ctx.emit("Concat", [neg1, _last_dim(ctx, a)], axis=0)
                                       if not isinstance(ctx.dims(a)[-1], int) else ctx.ints([-1, ctx.dims(a)[-1]])])
@@ -279,9 +279,8 @@ def vjp_matmul(ctx, node, gouts):
             else:
                 gb = ctx.emit("MatMul", [ctx.emit("Transpose", [a2], hint="T", perm=[1, 0]), g2])
         else:
-            full = ctx.emit("MatMul", [_swap_last2(ctx, a), g])
-            gb = ctx.reduce_to(full, b, ydims[:-2] + ctx.dims(b)[-2:])
-    return [ga, gb]
+            gb = ctx.emit("MatMul", [_swap_last2(ctx, a), g])
+        yield gb
 
 
 def _transpose_rows(ctx, x: str, d: int) -> str:
@@ -312,7 +311,7 @@ def vjp_transpose(ctx, node, gouts):
 @rule("Reshape", "Squeeze", "Unsqueeze", "Flatten")
 def vjp_reshape(ctx, node, gouts):
     # Y = reshape(X)  ->  gX = reshape(g, shape(X))
-    return [ctx.reshape_like(gouts[0], node.input[0])] + [None] * (len(node.input) - 1)
+    return [ctx.reshape_like(gouts[0], node.input[0])]
 
 
 def _dim_along(ctx, x: str, axis: int) -> str:
@@ -345,7 +344,7 @@ def vjp_split(ctx, node, gouts):
     axis = ctx.norm_axis(ctx.attr("axis", 0), r)
     parts = [g if g is not None else ctx.zeros_like(y) for g, y in zip(gouts, node.output)]
     gx = parts[0] if len(parts) == 1 else ctx.emit("Concat", parts, axis=axis)
-    return [gx] + [None] * (len(node.input) - 1)
+    return [gx]
 
 
 @rule("Slice")
@@ -376,8 +375,7 @@ def vjp_slice(ctx, node, gouts):
                 e = min(max(e + n if e < 0 else e, 0), n)
                 e = max(e, s)
                 pads[a], pads[r + a] = s, n - e
-            return [ctx.emit("Pad", [g, ctx.ints(pads), ctx.scalar(0.0, x)], mode="constant")] + \
-                [None] * (len(node.input) - 1)
+            return [ctx.emit("Pad", [g, ctx.ints(pads), ctx.scalar(0.0, x)], mode="constant")]
     size = _numel(ctx, x, list(range(r)))  # scalar int64
     iota = ctx.emit("Range", [ctx.const(np.array(0, np.int64)), size, ctx.const(np.array(1, np.int64))])
     iota = ctx.emit("Reshape", [iota, ctx.shape(x)])
@@ -387,7 +385,7 @@ def vjp_slice(ctx, node, gouts):
     value = helper.make_tensor("value", ctx.dtype(x), [1], [0])
     zeros = ctx.emit("ConstantOfShape", [ctx.emit("Reshape", [size, ctx.ints([1])])], value=value)
     flat = ctx.emit("ScatterElements", [zeros, flat_idx, flat_g], axis=0)
-    return [ctx.emit("Reshape", [flat, ctx.shape(x)])] + [None] * (len(node.input) - 1)
+    return [ctx.emit("Reshape", [flat, ctx.shape(x)])]
 
 
 # --------------------------------------------------------------------------- reductions
@@ -433,10 +431,10 @@ def vjp_reduce_sum(ctx, node, gouts):
     if axes is not None and not isinstance(axes, str) and len(axes) == 0:
         axes = None
     if axes is None and noop:
-        return [gouts[0]] + [None] * (len(node.input) - 1)
+        return [gouts[0]]
     if isinstance(axes, (list, tuple)):
         axes = [ctx.norm_axis(a, ctx.rank(x)) for a in axes]
-    return [_unsqueeze_expand(ctx, gouts[0], x, axes, keepdims)] + [None] * (len(node.input) - 1)
+    return [_unsqueeze_expand(ctx, gouts[0], x, axes, keepdims)]
 
 
 @rule("ReduceMean")
@@ -451,7 +449,7 @@ def vjp_reduce_mean(ctx, node, gouts):
             _unsupported(ctx, node, "ReduceMean with non-constant axes")
         axes = None if av is None or av.size == 0 else [int(a) for a in av.reshape(-1)]
         if axes is None and ctx.attr("noop_with_empty_axes", 0):
-            return [gouts[0]] + [None] * (len(node.input) - 1)
+            return [gouts[0]]
     else:
         axes = ctx.attr("axes")
         axes = list(axes) if axes else None
@@ -465,7 +463,7 @@ def vjp_reduce_mean(ctx, node, gouts):
         n = _numel(ctx, x, red)
         scaled = ctx.emit("Div", [gouts[0], ctx.emit("Cast", [n], to=ctx.dtype(x))])
     axes = None if axes is None else red
-    return [_unsqueeze_expand(ctx, scaled, x, axes, keepdims)] + [None] * (len(node.input) - 1)
+    return [_unsqueeze_expand(ctx, scaled, x, axes, keepdims)]
 
 
 # --------------------------------------------------------------------------- normalisation / softmax
@@ -530,7 +528,12 @@ def _scatter_into_zeros(ctx, g: str, axis: int, like: str):
     return n.input[1], upd
 
 
-@rule("LayerNormalization")
+def _layer_norm_grad_like(ctx, node, i):
+    # S and B broadcast into X's shape; gX already has it
+    return node.input[0] if i > 0 else None
+
+
+@rule("LayerNormalization", grad_like=_layer_norm_grad_like)
 def vjp_layer_norm(ctx, node, gouts):
     # Y = xhat * S + B,  xhat = (X - mean) * rstd,  rstd = 1/sqrt(var + eps)  (over axes >= axis)
     #   gB = unbroadcast(g),  gS = unbroadcast(g * xhat),  gxhat = g * S
@@ -562,7 +565,7 @@ def vjp_layer_norm(ctx, node, gouts):
             var = ctx.emit("Div", [sumsq, ctx.emit("Cast", [_numel(ctx, x, red)], to=ctx.dtype(x))])
         rstd = ctx.emit("Reciprocal", [ctx.emit("Sqrt", [ctx.emit("Add", [var, ctx.scalar(eps, x)])])])
     xhat = ctx.emit("Mul", [xc, rstd], hint="xhat")
-    gx = gs = gb = None
+    gx = gs = None
     if ctx.needs(0):
         gxhat = ctx.emit("Mul", [g, s])
         m1 = ctx.reduce_mean(gxhat, red)
@@ -570,10 +573,8 @@ def vjp_layer_norm(ctx, node, gouts):
         inner = ctx.emit("Sub", [ctx.emit("Sub", [gxhat, m1]), ctx.emit("Mul", [xhat, m2])])
         gx = ctx.emit("Mul", [inner, rstd])
     if ctx.needs(1):
-        gs = ctx.reduce_to(ctx.emit("Mul", [g, xhat]), s, x)
-    if b is not None and ctx.needs(2):
-        gb = ctx.reduce_to(g, b, x)
-    return [gx, gs, gb][: len(node.input)]
+        gs = ctx.emit("Mul", [g, xhat])
+    return [gx, gs] if b is None else [gx, gs, g]
 
 
 # --------------------------------------------------------------------------- gathers
@@ -602,7 +603,7 @@ def vjp_gather(ctx, node, gouts):
         neg = ctx.emit("Less", [idx, ctx.const(np.array(0, np.int64))])
         idx = ctx.emit("Where", [neg, ctx.emit("Add", [idx, n]), idx])
     if axis == 0:
-        return [_scatter_add_rows(ctx, ctx.zeros_like(d), idx, g, ctx.dims(d)[1:]), None]
+        return [_scatter_add_rows(ctx, ctx.zeros_like(d), idx, g, ctx.dims(d)[1:])]
     # move the gathered axis to the front: D' = transpose(D, [axis, 0..axis-1, axis+1..])
     ri = ctx.rank(node.input[1])
     perm_d = [axis] + list(range(axis)) + list(range(axis + 1, rd))
@@ -614,7 +615,7 @@ def vjp_gather(ctx, node, gouts):
     inv = [0] * rd
     for i, p in enumerate(perm_d):
         inv[p] = i
-    return [ctx.emit("Transpose", [acc], perm=inv), None]
+    return [ctx.emit("Transpose", [acc], perm=inv)]
 
 
 def _scatter_add_rows(ctx, zeros: str, idx: str, g: str, row_dims: list) -> str:
@@ -638,4 +639,4 @@ def vjp_gather_elements(ctx, node, gouts):
     d, idx = node.input
     axis = ctx.norm_axis(ctx.attr("axis", 0), ctx.rank(d))
     zeros = ctx.zeros_like(d)
-    return [ctx.emit("ScatterElements", [zeros, idx, gouts[0]], axis=axis, reduction="add"), None]
+    return [ctx.emit("ScatterElements", [zeros, idx, gouts[0]], axis=axis, reduction="add")]

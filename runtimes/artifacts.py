@@ -11,33 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from contract import MANIFEST_FORMAT  # noqa: F401  (re-exported for callers of this module)
+from contract.files import sha256_file  # noqa: F401
+from contract.jsonlimits import loads_limited
+from contract.manifest import artifact_folder_holding, check_structure, describe_io, read_manifest  # noqa: F401
+
 from .errors import ArtifactError
-from .jsonlimits import loads_limited
-
-MANIFEST_FORMAT = "gpt2-onnx-artifacts"
-SUPPORTED_VERSIONS = (3,)
-RETIRED_VERSIONS = {
-    1: "its train_step.onnx computes wrong embedding gradients on onnxruntime with 2+ threads "
-       "(ScatterND add races on repeated tokens)",
-    2: "its train_step.onnx has no gradient-clipping input (clip) or grad_norm output",
-}
-CONFIG_KEYS = ("vocab", "context", "d_model", "n_heads", "d_ff", "n_layers", "seed", "init", "labels")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -116,106 +101,6 @@ def _header_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _check_manifest(mpath: Path, manifest: dict) -> None:
-    """Structure and internal consistency: what every runner relies on before opening a model."""
-    from .hp import HP_LAYOUT
-
-    def bad(what: str):
-        raise ArtifactError(f"{mpath}: {what}; the manifest is damaged or from another version (rebuild the artifacts)")
-
-    for key, kind in (("config", dict), ("parameters", list), ("files", dict), ("models", dict), ("hp", dict)):
-        if key not in manifest:
-            bad(f"missing key {key!r}")
-        if not isinstance(manifest[key], kind):
-            bad(f"{key!r} is a {type(manifest[key]).__name__}, expected a {kind.__name__}")
-    cfg = manifest["config"]
-    missing_cfg = [k for k in CONFIG_KEYS if k not in cfg]
-    if missing_cfg:
-        raise ArtifactError(f"{mpath}: config lacks {missing_cfg}")
-    for k in ("vocab", "context", "d_model", "n_heads", "d_ff", "n_layers"):
-        if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 1:
-            bad(f"config.{k} = {cfg[k]!r}, expected an integer >= 1")
-    if cfg["labels"] not in ("index", "dense"):
-        bad(f"config.labels = {cfg['labels']!r}, expected 'index' or 'dense'")
-    for k, ok, rng in (("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
-                       ("eps", lambda v: v > 0, "> 0"), ("weight_decay", lambda v: v >= 0, ">= 0"),
-                       ("clip", lambda v: v >= 0, ">= 0")):
-        v = cfg.get(k, 0.5 if k.startswith("beta") else 1.0)  # optional: only the training set reads them
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-            bad(f"config.{k} = {v!r}, expected a finite number {rng}")
-    hp = manifest["hp"]
-    if list(hp.get("layout", ())) != list(HP_LAYOUT) or hp.get("length") != len(HP_LAYOUT) or hp.get("dtype") != "float32":
-        bad(f"hp is {hp.get('dtype')!r}[{hp.get('length')!r}] {hp.get('layout')!r}, this runner feeds float32[7] {list(HP_LAYOUT)}")
-    names = set()
-    for i, p in enumerate(manifest["parameters"]):
-        if (not isinstance(p, dict) or not isinstance(p.get("name"), str) or not isinstance(p.get("shape"), list)
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in p["shape"])
-                or p.get("dtype") != "float32"):
-            bad(f"parameters[{i}] = {p!r} is not {{name, shape: [positive ints], dtype: 'float32'}}")
-        if p["name"] in names:
-            bad(f"parameter {p['name']!r} is listed twice")
-        names.add(p["name"])
-    if not names:
-        bad("lists no parameters")
-    shapes = {p["name"]: p["shape"] for p in manifest["parameters"]}
-    for name, want in (("wte", [cfg["vocab"], cfg["d_model"]]), ("wpe", [cfg["context"], cfg["d_model"]])):
-        if name in shapes and shapes[name] != want:
-            raise ArtifactError(
-                f"{mpath}: parameter {name!r} has shape {shapes[name]}, but config (vocab {cfg['vocab']}, "
-                f"context {cfg['context']}, d_model {cfg['d_model']}) implies {want}: the manifest is from another config"
-            )
-    for name, info in manifest["files"].items():
-        if (not isinstance(info, dict) or not isinstance(info.get("sha256"), str)
-                or isinstance(info.get("bytes"), bool) or not isinstance(info.get("bytes"), int)):
-            bad(f"files[{name!r}] = {info!r} is not {{sha256, bytes}}")
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            bad(f"files lists {name!r}, which is outside the artifact folder")
-
-
-def artifact_folder_holding(path: str | Path) -> Path | None:
-    """The artifact folder that ``path`` is, or lies inside, or None.
-
-    Runners never write into an artifact folder: a file added there is refused by
-    the next build, and one replaced (weights.safetensors) makes the folder fail
-    its hash check for good. A folder is one when its manifest.json says so.
-    """
-    p = Path(os.path.abspath(path))
-    for folder in (p, *p.parents):
-        mpath = folder / "manifest.json"
-        try:
-            if not mpath.is_file() or mpath.stat().st_size > 64 << 20:
-                continue
-            manifest = loads_limited(mpath.read_bytes(), str(mpath), ValueError)
-        except (OSError, ValueError):
-            continue
-        if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT:
-            return folder
-    return None
-
-
-_DTYPES = {1: "float32", 7: "int64", 9: "bool", 11: "float64"}  # onnx TensorProto data types
-
-
-def describe_io(model) -> dict:
-    """A model's graph inputs (initializers excluded) and outputs as the manifest records them:
-    ``{"inputs": [{name, dtype, shape}], "outputs": [...]}``, a dim being its symbol, size or None."""
-
-    def value(vi) -> dict:
-        t = vi.type
-        if not t.HasField("tensor_type"):
-            return {"name": vi.name, "dtype": "sequence" if t.HasField("sequence_type") else "other", "shape": None}
-        tt = t.tensor_type
-        shape = None
-        if tt.HasField("shape"):
-            shape = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
-                     for d in tt.shape.dim]
-        return {"name": vi.name, "dtype": _DTYPES.get(tt.elem_type, str(tt.elem_type)), "shape": shape}
-
-    inits = {i.name for i in model.graph.initializer}
-    return {"inputs": [value(i) for i in model.graph.input if i.name not in inits],
-            "outputs": [value(o) for o in model.graph.output]}
 
 
 def _external_tensors(graph, where: str):
@@ -312,25 +197,8 @@ def load_artifacts(folder: str | Path, verify: bool = True, needs: tuple[str, ..
         raise ArtifactError(f"artifact folder {folder} does not exist (build it with: python -m graphgen build --out {folder})")
     if not mpath.is_file():
         raise ArtifactError(f"{folder} has no manifest.json; is it an artifact folder? (python -m graphgen build --out {folder})")
-    try:
-        if mpath.stat().st_size > 64 << 20:
-            raise ArtifactError(f"{mpath} is {mpath.stat().st_size:,} bytes; a manifest is a few hundred KiB at most")
-        manifest = loads_limited(mpath.read_bytes(), str(mpath), ArtifactError)
-    except OSError as e:
-        raise ArtifactError(f"{mpath} cannot be read: {e.strerror or e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ArtifactError(f"{mpath}: not a {MANIFEST_FORMAT} manifest (format={manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    version = manifest.get("format_version")
-    if version in RETIRED_VERSIONS:
-        raise ArtifactError(
-            f"{mpath}: format_version {version} is retired: {RETIRED_VERSIONS[version]}; rebuild the artifacts "
-            f"(python -m graphgen build, or make artifacts); checkpoints resume on the rebuilt folder"
-        )
-    if version not in SUPPORTED_VERSIONS:
-        raise ArtifactError(
-            f"{mpath}: format_version {version!r} is not one this runner reads {SUPPORTED_VERSIONS}; rebuild the artifacts with this version"
-        )
-    _check_manifest(mpath, manifest)
+    manifest = read_manifest(mpath)
+    check_structure(mpath, manifest)
     art = Artifacts(folder, manifest)
     for name in needs:
         if not art.path(name).is_file():

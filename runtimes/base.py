@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contract import BATCH_INPUTS, LOGITS_OUTPUT
+
 from .artifacts import Artifacts, check_models, check_weights, load_artifacts
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, InputError, OutOfMemory, RuntimeUnavailable
@@ -114,27 +116,28 @@ class Runtime:
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """Write a checkpoint atomically: parameters, moments, step, and ``extra``."""
+        save_checkpoint(path, self.snapshot(extra))
+
+    def snapshot(self, extra: dict | None = None) -> Checkpoint:
+        """The whole training state, copied once (what save writes)."""
         moments = self.moments()
-        save_checkpoint(
-            path,
-            Checkpoint(
-                runtime=self.name,
-                step=self.step_count,
-                artifacts=str(self.art.folder.resolve()),
-                fingerprint=self.art.fingerprint,
-                params=self.parameters(),
-                adam_m=moments[0] if moments else None,
-                adam_v=moments[1] if moments else None,
-                native=self._native_state(),
-                extra=extra or {},
-            ),
+        return Checkpoint(
+            runtime=self.name,
+            step=self.step_count,
+            artifacts=str(self.art.folder.resolve()),
+            fingerprint=self.art.fingerprint,
+            params=self.parameters(),
+            adam_m=moments[0] if moments else None,
+            adam_v=moments[1] if moments else None,
+            native=self._native_state(),
+            extra=extra or {},
         )
 
     def export_weights(self, path: str | Path) -> None:
         """Trained weights as safetensors, in the same layout as weights.safetensors."""
         from safetensors.numpy import save
 
-        from .checkpoint import write_atomic
+        from contract.files import write_atomic
 
         write_atomic(Path(path), save(self.parameters(), metadata={"step": str(self.step_count)}))
 
@@ -173,8 +176,8 @@ class Runtime:
             self._forward = ort.InferenceSession(
                 str(self.art.path("forward.onnx")), so, providers=["CPUExecutionProvider"]
             )
-        feeds = {"tokens": tokens, "positions": positions, **self.parameters()}
-        return self._forward.run(["logits"], feeds)[0]
+        feeds = {**dict(zip(BATCH_INPUTS, (tokens, positions))), **self.parameters()}
+        return self._forward.run([LOGITS_OUTPUT], feeds)[0]
 
     # --- shared helpers -----------------------------------------------------
 

@@ -28,12 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from contract import HP_LAYOUT
+
 from .errors import DataError, GPT2OnnxError, InputError
 
 FORMAT = "gpt2-onnx-batches"
 FORMAT_VERSION = "1"
 ARCH_KEYS = ("vocab", "context", "d_model", "n_heads", "d_ff", "n_layers", "labels")
-HP_KEYS = ("lr", "beta1", "beta2", "eps", "weight_decay")
+HP_KEYS = HP_LAYOUT[:5]  # the constants a file records; the bias corrections follow from the step
 
 
 def write_batches(path, batches, hp: dict, config: dict | None = None) -> None:
@@ -44,7 +46,7 @@ def write_batches(path, batches, hp: dict, config: dict | None = None) -> None:
     """
     from safetensors.numpy import save
 
-    from .checkpoint import write_atomic
+    from contract.files import write_atomic
 
     if not batches:
         raise InputError("a batch file needs at least one batch")

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from contract import (BATCH_INPUTS, CLIP_INPUT, GRAD_NORM_OUTPUT, HP_INPUT, LOGITS_OUTPUT, LOSS_OUTPUT, m_name, new_m_name, new_name,
+                      new_v_name, v_name)
+
 from .base import Runtime
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, RuntimeUnavailable, TrainingDiverged
@@ -52,7 +55,7 @@ def _shared_cpu_arena(ort) -> bool:
 
 
 def session_options(threads: int | None):
-    """The options measured to matter on CPU (see NOTES.md): denormals flushed
+    """The options measured to matter on CPU (docs/dependencies.md): denormals flushed
     (the masked softmax's exp produces them), arena and memory pattern on,
     sequential execution, all graph optimisations; the arena grows by what is
     requested rather than in powers of two (see _shared_cpu_arena)."""
@@ -107,7 +110,7 @@ class OrtRuntime(Runtime):
         step writes into these buffers.
         """
         out = {}
-        for prefix, d in (("", params), ("m.", m), ("v.", v)):
+        for name, d in ((str, params), (m_name, m), (v_name, v)):
             if d is None:
                 continue
             for n in self._names:
@@ -115,7 +118,7 @@ class OrtRuntime(Runtime):
                     list(d[n].shape), np.float32, self._ort_device, 0
                 )
                 value.update_inplace(np.ascontiguousarray(d[n], dtype=np.float32))
-                out[prefix + n] = value
+                out[name(n)] = value
         return out
 
     def _run(self, tokens, positions, labels, hp, clip, moments_out=None):
@@ -125,14 +128,14 @@ class OrtRuntime(Runtime):
         b = self._sess.io_binding()
         for name, value in self._state.items():
             b.bind_ortvalue_input(name, value)
-        for name, arr in (("tokens", tokens), ("positions", positions), ("labels", labels), ("hp", hp), ("clip", clip)):
+        for name, arr in (*zip(BATCH_INPUTS, (tokens, positions, labels)), (HP_INPUT, hp), (CLIP_INPUT, clip)):
             b.bind_cpu_input(name, arr)
-        b.bind_ortvalue_output("loss", self._loss_out)
-        b.bind_ortvalue_output("grad_norm", self._norm_out)
+        b.bind_ortvalue_output(LOSS_OUTPUT, self._loss_out)
+        b.bind_ortvalue_output(GRAD_NORM_OUTPUT, self._norm_out)
         for n in self._names:
-            b.bind_ortvalue_output("new." + n, self._spare[n])
-            b.bind_ortvalue_output("new.m." + n, moments_out["m." + n])
-            b.bind_ortvalue_output("new.v." + n, moments_out["v." + n])
+            b.bind_ortvalue_output(new_name(n), self._spare[n])
+            b.bind_ortvalue_output(new_m_name(n), moments_out[m_name(n)])
+            b.bind_ortvalue_output(new_v_name(n), moments_out[v_name(n)])
         self._sess.run_with_iobinding(b)
         # Only the loss comes back: copy_outputs_to_cpu() would copy every bound output,
         # the whole new state included (30 ms of a 125 ms step on small).
@@ -152,9 +155,9 @@ class OrtRuntime(Runtime):
             self._state[n], self._spare[n] = self._spare[n], self._state[n]
         return loss
 
-    def save(self, path, extra: dict | None = None) -> None:
+    def snapshot(self, extra: dict | None = None):
         self._check_moments()  # a diverged step's half-applied state is nothing to resume from
-        super().save(path, extra)
+        return super().snapshot(extra)
 
     def _check_moments(self) -> None:
         if self._stale_moments_at is not None:
@@ -167,11 +170,11 @@ class OrtRuntime(Runtime):
         # (m' = 0*m + 1*g); lr = wd = 0, the parameters are never committed, and the
         # moments go to scratch buffers, not over the state's.
         hp = np.array([0.0, 0.0, 0.5, 1.0, 0.0, 1.0, 2.0], dtype=np.float32)
-        scratch = {prefix + n: self._ort.OrtValue.ortvalue_from_shape_and_type(
+        scratch = {name(n): self._ort.OrtValue.ortvalue_from_shape_and_type(
                        list(self.art.param_shapes[n]), np.float32, self._ort_device, 0)
-                   for prefix in ("m.", "v.") for n in self._names}
+                   for name in (m_name, v_name) for n in self._names}
         self._run(tokens, positions, labels, hp, np.array(0.0, np.float32), moments_out=scratch)
-        return {n: scratch["m." + n].numpy().copy() for n in self._names}
+        return {n: scratch[m_name(n)].numpy().copy() for n in self._names}
 
     def _run_on_state(self, model: str, data: dict, output: str) -> np.ndarray:
         """Run eval_model.onnx or forward.onnx on the parameters where they live (no host copy)."""
@@ -191,18 +194,18 @@ class OrtRuntime(Runtime):
 
     def _loss(self, tokens, positions, labels) -> float:
         data = {"tokens": tokens, "positions": positions, "labels": labels}
-        return float(self._run_on_state("eval_model.onnx", data, "loss"))
+        return float(self._run_on_state("eval_model.onnx", data, LOSS_OUTPUT))
 
     def _logits(self, tokens, positions) -> np.ndarray:
-        return self._run_on_state("forward.onnx", {"tokens": tokens, "positions": positions}, "logits")
+        return self._run_on_state("forward.onnx", dict(zip(BATCH_INPUTS, (tokens, positions))), LOGITS_OUTPUT)
 
     def parameters(self) -> dict[str, np.ndarray]:
         return {n: self._state[n].numpy().copy() for n in self._names}
 
     def moments(self):
         return (
-            {n: self._state["m." + n].numpy().copy() for n in self._names},
-            {n: self._state["v." + n].numpy().copy() for n in self._names},
+            {n: self._state[m_name(n)].numpy().copy() for n in self._names},
+            {n: self._state[v_name(n)].numpy().copy() for n in self._names},
         )
 
     def _restore(self, ckpt: Checkpoint) -> None:

@@ -135,11 +135,22 @@ class OrtTrainingRuntime(Runtime):
             os.unlink(tmp)
 
     def moments(self):
-        state = read_ort_checkpoint(self._native_state())
+        return self._moments_of(read_ort_checkpoint(self._native_state()))
+
+    def _moments_of(self, state):
         if not state.moments:  # before the first step ORT holds no optimizer state
             zeros = {n: np.zeros(s, np.float32) for n, s in self.art.param_shapes.items()}
             return zeros, {n: z.copy() for n, z in zeros.items()}
         return state.moments
+
+    def snapshot(self, extra: dict | None = None) -> Checkpoint:
+        """ONNX Runtime's own checkpoint is serialised once; parameters and moments are read from it."""
+        native = self._native_state()
+        state = read_ort_checkpoint(native)
+        m, v = self._moments_of(state)
+        return Checkpoint(runtime=self.name, step=self.step_count, artifacts=str(self.art.folder.resolve()),
+                          fingerprint=self.art.fingerprint, params={n: state.params[n] for n in self.art.param_names},
+                          adam_m=m, adam_v=v, native=native, extra=extra or {})
 
     def _restore(self, ckpt: Checkpoint) -> None:
         if ckpt.native is None:

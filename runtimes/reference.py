@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from contract import (BATCH_INPUTS, CLIP_INPUT, GRAD_NORM_OUTPUT, HP_INPUT, LOSS_OUTPUT, m_name, new_m_name, new_name,
+                      new_v_name, v_name)
+
 from .base import Runtime
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, TrainingDiverged
@@ -41,31 +44,31 @@ class ReferenceRuntime(Runtime):
         self._v = {n: np.zeros_like(w) for n, w in self._params.items()}
 
     def _run(self, tokens, positions, labels, hp, clip):
-        feeds = {**self._params, **{"m." + n: a for n, a in self._m.items()}, **{"v." + n: a for n, a in self._v.items()},
-                 "tokens": tokens, "positions": positions, "labels": labels, "hp": hp, "clip": clip}
+        feeds = {**self._params, **{m_name(n): a for n, a in self._m.items()}, **{v_name(n): a for n, a in self._v.items()},
+                 **dict(zip(BATCH_INPUTS, (tokens, positions, labels))), HP_INPUT: hp, CLIP_INPUT: clip}
         out = dict(zip(self._step_eval.output_names, self._step_eval.run(None, feeds)))
-        return float(out["loss"]), out
+        return float(out[LOSS_OUTPUT]), out
 
     def _step(self, tokens, positions, labels, hp, clip) -> float:
         loss, out = self._run(tokens, positions, labels, hp, clip)
-        self.last_grad_norm = float(out["grad_norm"])
+        self.last_grad_norm = float(out[GRAD_NORM_OUTPUT])
         if not np.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss} at step {self.step_count + 1}; the update was not applied")
-        self._params = {n: out["new." + n] for n in self._names}
-        self._m = {n: out["new.m." + n] for n in self._names}
-        self._v = {n: out["new.v." + n] for n in self._names}
+        self._params = {n: out[new_name(n)] for n in self._names}
+        self._m = {n: out[new_m_name(n)] for n in self._names}
+        self._v = {n: out[new_v_name(n)] for n in self._names}
         return loss
 
     def _gradients(self, tokens, positions, labels):
         hp = np.array([0.0, 0.0, 0.5, 1.0, 0.0, 1.0, 2.0], dtype=np.float32)  # m' = g; see ort.py
         _, out = self._run(tokens, positions, labels, hp, np.array(0.0, np.float32))
-        return {n: out["new.m." + n] for n in self._names}
+        return {n: out[new_m_name(n)] for n in self._names}
 
     def _loss(self, tokens, positions, labels) -> float:
         if self._loss_eval is None:
             self._loss_eval = evaluator(str(self.art.path("eval_model.onnx")))
         feeds = {**self._params, "tokens": tokens, "positions": positions, "labels": labels}
-        return float(self._loss_eval.run(["loss"], feeds)[0])
+        return float(self._loss_eval.run([LOSS_OUTPUT], feeds)[0])
 
     def _logits(self, tokens, positions) -> np.ndarray:
         if self._fwd_eval is None:

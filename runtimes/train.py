@@ -47,13 +47,15 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.files import refuse_artifact_folder, write_atomic
+from contract.hp import check_clip, make_hp
+from contract.jsonlimits import loads_limited
+
 from . import base
 from .artifacts import Artifacts, load_artifacts
-from .checkpoint import refuse_artifact_folder, write_atomic
+from .checkpoint import save_checkpoint
 from .data import BatchSampler, decode, dense_labels, encode, fixed_batches, load_tokens, train_val_split
 from .errors import DataError, GPT2OnnxError, InputError, OutputError, TrainingDiverged
-from .hp import check_clip, make_hp
-from .jsonlimits import loads_limited
 from .runlock import RunLock
 
 
@@ -63,7 +65,7 @@ DEFAULT_SEQ = 64
 @dataclass
 class TrainOptions:
     artifacts: str = "artifacts/small"
-    runtime: str = "ort-training"
+    runtime: str = "ort"
     device: str = "cpu"
     # Defaults are `make train`'s: on the default corpus, small reaches a validation
     # loss under 2.0 (from ln 256 = 5.55) in about 800 of these 1200 steps (16x64
@@ -171,17 +173,15 @@ def _prepare_out(out: Path, art: Artifacts | None = None, opts: TrainOptions | N
             )
 
 
-def _nonfinite(rt: base.Runtime) -> str | None:
-    """The first parameter or AdamW moment holding NaN or inf, or None when all are finite."""
-    for name, a in rt.parameters().items():
+def _nonfinite(snap) -> str | None:
+    """The first parameter or AdamW moment of a checkpoint snapshot holding NaN or inf, or None."""
+    for name, a in snap.params.items():
         if not np.isfinite(a).all():
             return f"parameter {name!r}"
-    moments = rt.moments()
-    if moments:
-        for which, d in zip(("first moment (m)", "second moment (v)"), moments):
-            for name, a in d.items():
-                if not np.isfinite(a).all():
-                    return f"AdamW {which} of {name!r}"
+    for which, d in (("first moment (m)", snap.adam_m), ("second moment (v)", snap.adam_v)):
+        for name, a in (d or {}).items():
+            if not np.isfinite(a).all():
+                return f"AdamW {which} of {name!r}"
     return None
 
 
@@ -238,154 +238,218 @@ def _plot(log: list[dict], path: Path, start: tuple[int, float] | None = None, c
     write_atomic(path, png.getvalue())
 
 
+@dataclass
+class _Data:
+    """The run's batches: the training sampler and the fixed validation batches."""
+
+    name: str
+    train_bytes: int
+    val_bytes: int
+    seq: int
+    sampler: BatchSampler
+    val_batches: list
+
+    @classmethod
+    def load(cls, opts: TrainOptions, cfg: dict) -> "_Data":
+        if cfg["vocab"] < 256:
+            raise DataError(f"byte-level data needs vocab >= 256; these artifacts have vocab {cfg['vocab']}")
+        seq = min(DEFAULT_SEQ, cfg["context"]) if opts.seq is None else opts.seq
+        if not 1 <= seq <= cfg["context"]:
+            raise InputError(f"--seq must be in [1, {cfg['context']}] (the context), got {seq}")
+        train_ids, val_ids = train_val_split(load_tokens(opts.data))
+        name = opts.data or "default corpus (Python standard library sources)"
+        sampler = BatchSampler(train_ids, opts.batch, seq, seed=opts.seed, vocab=cfg["vocab"], name=name)
+        val_seq = min(seq, len(val_ids) - 1)
+        if val_seq < 1:
+            raise DataError(f"{name}: the validation split holds {len(val_ids)} tokens, too few for one sequence")
+        val_batches = fixed_batches(val_ids, opts.batch, val_seq, opts.eval_batches, seed=12345)
+        if cfg["labels"] == "dense":
+            val_batches = [(t, p, dense_labels(l, cfg["vocab"])) for t, p, l in val_batches]
+        return cls(name, len(train_ids), len(val_ids), seq, sampler, val_batches)
+
+    def next_batch(self, cfg: dict):
+        batch = self.sampler.next()
+        if cfg["labels"] == "dense":
+            batch = (batch[0], batch[1], dense_labels(batch[2], cfg["vocab"]))
+        return batch
+
+
+class _Run:
+    """One training run: prepared (every check before the first step), then stepped,
+    evaluated and checkpointed, then finished (weights, plot, sample, summary).
+
+    It holds the run folder's lock from prepare() until close()."""
+
+    def __init__(self, opts: TrainOptions, echo):
+        self.opts, self.echo = opts, echo
+        self.out = Path(opts.out)
+        self.art = load_artifacts(opts.artifacts, verify=False)  # the manifest alone; the runtime verifies every file
+        self.cfg = self.art.config
+        self.data = _Data.load(opts, self.cfg)
+        self.clip = clip_for(opts, self.art)
+        refuse_artifact_folder(self.out, "--out")
+        _prepare_out(self.out, self.art, opts)
+        self.lock = RunLock(self.out)
+        self.lock.acquire()
+        try:
+            self.rt = self._runtime()
+        except BaseException:
+            self.lock.release()
+            raise
+        self.ckpt_path = self.out / CHECKPOINT_NAME
+        self.last_good = (str(opts.resume), self.rt.step_count) if opts.resume else None
+        self.stop = min(opts.steps, opts.stop_after or opts.steps)
+        self.log_path = self.out / "log.jsonl"
+        self.log: list[dict] = []
+        self.tokens_done, self.last_val = 0, None
+
+    def _runtime(self) -> base.Runtime:
+        o, cfg = self.opts, self.cfg
+        if o.resume:
+            rt = base.resume(o.resume, runtime=o.runtime, device=o.device, threads=o.threads, artifacts=o.artifacts)
+        else:
+            rt = base.load(o.artifacts, o.runtime, o.device, o.threads)
+        rt._check_hp_supported(make_hp(o.lr, cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"]),
+                               check_clip(self.clip))  # ort-training: a threshold other than the built one fails now
+        if o.resume and "sampler" in rt.resumed_extra:
+            self.data.sampler.load_state_dict(rt.resumed_extra["sampler"])
+        return rt
+
+    def close(self) -> None:
+        self.lock.release()
+
+    # --- messages -----------------------------------------------------------
+
+    def where_good(self) -> str:
+        if self.last_good is None:
+            return (f"no checkpoint was written yet (the first is due at step {self.opts.checkpoint_every}); "
+                    f"start again with a lower --lr")
+        path, step = self.last_good
+        return f"the last good checkpoint is {path} (step {step}); continue with --resume {path} and a lower --lr"
+
+    # --- the run --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Keep a resumed run's log up to its checkpoint (rewritten atomically, then appended
+        to), announce the run and measure the validation loss before the first update."""
+        o, rt = self.opts, self.rt
+        if o.resume and self.log_path.exists():
+            try:
+                lines = self.log_path.read_text().splitlines()
+                self.log = [loads_limited(line, "log line", ValueError) for line in lines if line.strip()]
+            except (OSError, ValueError):
+                self.log = []  # a damaged log is not worth failing the resume for; it restarts here
+            self.log = [r for r in self.log if isinstance(r, dict) and r.get("step", math.inf) <= rt.step_count]
+        write_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in self.log).encode())
+        d = self.data
+        self.echo(
+            f"training {rt.art.folder} on {o.runtime}/{o.device}: {d.train_bytes:,} train bytes, "
+            f"{d.val_bytes:,} validation bytes, batch {o.batch}x{d.seq}, steps {rt.step_count + 1}..{self.stop}"
+            + (f" (of {o.steps})" if self.stop < o.steps else "")
+            + f", gradient clipping {'at ' + format(self.clip, 'g') if 0 < self.clip < math.inf else 'off'}"
+        )
+        self.start_step, self.first_val = rt.step_count, self.evaluate()
+        self.echo(f"validation loss at step {rt.step_count}: {self.first_val:.4f}")
+
+    def evaluate(self) -> float:
+        v = float(np.mean([self.rt.loss(*b) for b in self.data.val_batches]))
+        if not math.isfinite(v):
+            raise TrainingDiverged(f"validation loss became {v} at step {self.rt.step_count}; {self.where_good()}")
+        return v
+
+    def step(self) -> dict:
+        """One update; returns its log row (with val_loss where one is due)."""
+        o, rt, t = self.opts, self.rt, self.rt.step_count + 1
+        batch = self.data.next_batch(self.cfg)
+        lr = lr_at(t, o)
+        hp = make_hp(lr, self.cfg["beta1"], self.cfg["beta2"], self.cfg["eps"], self.cfg["weight_decay"], step=t)
+        t0 = time.perf_counter()
+        try:
+            loss = rt.step(*batch, hp, self.clip)
+        except TrainingDiverged as e:  # ort / reference: the parameters were not updated
+            raise TrainingDiverged(f"{e}; {self.where_good()}") from None
+        dt = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss} at step {t}; {self.where_good()}")
+        self.tokens_done += batch[0].size
+        row = {"step": t, "loss": loss, "lr": lr, "grad_norm": rt.last_grad_norm,
+               "tokens_per_s": batch[0].size / dt if dt > 0 else None}
+        if t % o.eval_every == 0 or t == o.steps:
+            row["val_loss"] = self.evaluate()
+        self.last_val = row.get("val_loss", self.last_val)
+        self.log.append(row)
+        return row
+
+    def checkpoint(self) -> None:
+        """One snapshot of the state, checked finite, then written: never a non-finite checkpoint."""
+        rt = self.rt
+        snap = rt.snapshot(extra={"sampler": self.data.sampler.state_dict(), "options": asdict(self.opts)})
+        bad = _nonfinite(snap)
+        if bad:
+            raise TrainingDiverged(
+                f"{bad} became NaN or infinite by step {rt.step_count} (the loss was still finite: a gradient "
+                f"or update overflowed); no checkpoint written for it; {self.where_good()}"
+            )
+        save_checkpoint(self.ckpt_path, snap)
+        self.last_good = (str(self.ckpt_path), rt.step_count)
+
+    def finish(self, elapsed: float) -> dict:
+        """The trained weights, the plot, a sample and the summary."""
+        rt, o, out = self.rt, self.opts, self.out
+        rt.export_weights(out / "weights.safetensors")
+        _plot(self.log, out / "loss.png", start=(self.start_step, self.first_val), clip=self.clip)
+        log = self.log
+        final_val = (log[-1]["val_loss"] if "val_loss" in log[-1] else self.evaluate()) if log else self.first_val
+        summary = {
+            "steps": rt.step_count,
+            "first_val_loss": self.first_val,
+            "final_val_loss": final_val,
+            "seconds": elapsed,
+            "tokens_per_s": self.tokens_done / elapsed if elapsed > 0 else None,
+            "out": str(out),
+        }
+        if o.sample_bytes:
+            text = sample_text(rt, "def ", o.sample_bytes, seed=o.seed)
+            write_atomic(out / "sample.txt", text.encode())
+            summary["sample"] = text
+        write_atomic(out / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "sample"}, indent=1).encode())
+        return summary
+
+
 def train(opts: TrainOptions, echo=print) -> dict:
     """Run (or resume) a training run; returns a summary dict."""
     _check_options(opts)
-    out = Path(opts.out)
-    art = load_artifacts(opts.artifacts, verify=False)  # the manifest alone; the runtime verifies every file
-    cfg = art.config
-    if cfg["vocab"] < 256:
-        raise DataError(f"byte-level data needs vocab >= 256; these artifacts have vocab {cfg['vocab']}")
-    seq = min(DEFAULT_SEQ, cfg["context"]) if opts.seq is None else opts.seq
-    if not 1 <= seq <= cfg["context"]:
-        raise InputError(f"--seq must be in [1, {cfg['context']}] (the context), got {seq}")
-
-    tokens = load_tokens(opts.data)
-    train_ids, val_ids = train_val_split(tokens)
-    name = opts.data or "default corpus (Python standard library sources)"
-    sampler = BatchSampler(train_ids, opts.batch, seq, seed=opts.seed, vocab=cfg["vocab"], name=name)
-    val_seq = min(seq, len(val_ids) - 1)
-    if val_seq < 1:
-        raise DataError(f"{name}: the validation split holds {len(val_ids)} tokens, too few for one sequence")
-    val_batches = fixed_batches(val_ids, opts.batch, val_seq, opts.eval_batches, seed=12345)
-    if cfg["labels"] == "dense":
-        val_batches = [(t, p, dense_labels(l, cfg["vocab"])) for t, p, l in val_batches]
-
-    clip = clip_for(opts, art)
-    refuse_artifact_folder(out, "--out")
-    _prepare_out(out, art, opts)
-    with RunLock(out):  # one writer per run folder, released on any exit
-
-        if opts.resume:
-            rt = base.resume(opts.resume, runtime=opts.runtime, device=opts.device, threads=opts.threads,
-                             artifacts=opts.artifacts)
-        else:
-            rt = base.load(opts.artifacts, opts.runtime, opts.device, opts.threads)
-        rt._check_hp_supported(make_hp(opts.lr, cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"]),
-                               check_clip(clip))  # ort-training: a threshold other than the built one fails now
-        if opts.resume and "sampler" in rt.resumed_extra:
-            sampler.load_state_dict(rt.resumed_extra["sampler"])
-        ckpt_path = out / CHECKPOINT_NAME
-        last_good = (str(opts.resume), rt.step_count) if opts.resume else None
-
-        def where_good() -> str:
-            if last_good is None:
-                return (f"no checkpoint was written yet (the first is due at step {opts.checkpoint_every}); "
-                        f"start again with a lower --lr")
-            return f"the last good checkpoint is {last_good[0]} (step {last_good[1]}); continue with --resume {last_good[0]} and a lower --lr"
-
-        def val_loss() -> float:
-            v = float(np.mean([rt.loss(*b) for b in val_batches]))
-            if not math.isfinite(v):
-                raise TrainingDiverged(f"validation loss became {v} at step {rt.step_count}; {where_good()}")
-            return v
-
-        def checkpoint() -> None:
-            nonlocal last_good
-            bad = _nonfinite(rt)
-            if bad:
-                raise TrainingDiverged(
-                    f"{bad} became NaN or infinite by step {rt.step_count} (the loss was still finite: a gradient "
-                    f"or update overflowed); no checkpoint written for it; {where_good()}"
-                )
-            rt.save(ckpt_path, extra={"sampler": sampler.state_dict(), "options": asdict(opts)})
-            last_good = (str(ckpt_path), rt.step_count)
-
-        log_path = out / "log.jsonl"
-        log: list[dict] = []
-        if opts.resume and log_path.exists():
-            try:
-                log = [loads_limited(line, "log line", ValueError) for line in log_path.read_text().splitlines() if line.strip()]
-            except (OSError, ValueError):
-                log = []  # a damaged log is not worth failing the resume for; it restarts here
-            log = [r for r in log if isinstance(r, dict) and r.get("step", math.inf) <= rt.step_count]
-        # A resumed run keeps the log up to its checkpoint; rewritten atomically, then appended to.
-        write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in log).encode())
-        stop = min(opts.steps, opts.stop_after or opts.steps)
-        echo(
-            f"training {rt.art.folder} on {opts.runtime}/{opts.device}: {len(train_ids):,} train bytes, "
-            f"{len(val_ids):,} validation bytes, batch {opts.batch}x{seq}, steps {rt.step_count + 1}..{stop}"
-            + (f" (of {opts.steps})" if stop < opts.steps else "")
-            + f", gradient clipping {'at ' + format(clip, 'g') if 0 < clip < math.inf else 'off'}"
-        )
-        start_step, first_val = rt.step_count, val_loss()
-        echo(f"validation loss at step {rt.step_count}: {first_val:.4f}")
-
+    run = _Run(opts, echo)
+    try:
+        run.start()
         from tqdm import tqdm
 
-        bar = tqdm(total=stop, initial=min(rt.step_count, stop), disable=not opts.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=run.stop, initial=min(run.rt.step_count, run.stop), disable=not opts.progress, unit="step",
+                   dynamic_ncols=True)
         t_start = time.perf_counter()
-        tokens_done = 0
-        last_val = None
         try:
             # O_NOFOLLOW: the log was just replaced atomically; a link planted since is refused, not followed
-            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(run.log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
             with os.fdopen(fd, "a") as logf:
-                while rt.step_count < stop:
-                    t = rt.step_count + 1
-                    batch = sampler.next()
-                    if cfg["labels"] == "dense":
-                        batch = (batch[0], batch[1], dense_labels(batch[2], cfg["vocab"]))
-                    lr = lr_at(t, opts)
-                    hp = make_hp(lr, cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"], step=t)
-                    t0 = time.perf_counter()
-                    try:
-                        loss = rt.step(*batch, hp, clip)
-                    except TrainingDiverged as e:  # ort / reference: the parameters were not updated
-                        raise TrainingDiverged(f"{e}; {where_good()}") from None
-                    dt = time.perf_counter() - t0
-                    if not math.isfinite(loss):
-                        raise TrainingDiverged(f"loss became {loss} at step {t}; {where_good()}")
-                    tokens_done += batch[0].size
-                    row = {"step": t, "loss": loss, "lr": lr, "grad_norm": rt.last_grad_norm,
-                           "tokens_per_s": batch[0].size / dt if dt > 0 else None}
-                    if t % opts.eval_every == 0 or t == opts.steps:
-                        row["val_loss"] = val_loss()
-                    log.append(row)
+                while run.rt.step_count < run.stop:
+                    row = run.step()
                     logf.write(json.dumps(row) + "\n")
                     logf.flush()
-                    last_val = row.get("val_loss", last_val)
-                    shown = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_done / (time.perf_counter() - t_start):.0f}"}
-                    if rt.last_grad_norm is not None:
-                        shown["|g|"] = f"{rt.last_grad_norm:.3g}"
-                    bar.set_postfix(shown, **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
+                    shown = {"loss": f"{row['loss']:.3f}", "tok/s": f"{run.tokens_done / (time.perf_counter() - t_start):.0f}"}
+                    if row["grad_norm"] is not None:
+                        shown["|g|"] = f"{row['grad_norm']:.3g}"
+                    bar.set_postfix(shown, **({"val": f"{run.last_val:.3f}"} if run.last_val is not None else {}))
                     bar.update(1)
-                    if t % opts.checkpoint_every == 0 or t == stop:
-                        checkpoint()
-            elapsed = time.perf_counter() - t_start
-            rt.export_weights(out / "weights.safetensors")
-            _plot(log, out / "loss.png", start=(start_step, first_val), clip=clip)
-            final_val = (log[-1]["val_loss"] if "val_loss" in log[-1] else val_loss()) if log else first_val
-            summary = {
-                "steps": rt.step_count,
-                "first_val_loss": first_val,
-                "final_val_loss": final_val,
-                "seconds": elapsed,
-                "tokens_per_s": tokens_done / elapsed if elapsed > 0 else None,
-                "out": str(out),
-            }
-            if opts.sample_bytes:
-                text = sample_text(rt, "def ", opts.sample_bytes, seed=opts.seed)
-                write_atomic(out / "sample.txt", text.encode())
-                summary["sample"] = text
-            write_atomic(out / "summary.json",
-                         json.dumps({k: v for k, v in summary.items() if k != "sample"}, indent=1).encode())
+                    if row["step"] % opts.checkpoint_every == 0 or row["step"] == run.stop:
+                        run.checkpoint()
+            return run.finish(time.perf_counter() - t_start)
         except OSError as e:  # log, plot, sample or summary (checkpoints raise OutputError themselves)
-            where = f"; the last good checkpoint is {last_good[0]} (step {last_good[1]})" if last_good else ""
-            raise OutputError(f"could not write to {out}: {e.strerror or e}{where}") from None
+            where = f"; the last good checkpoint is {run.last_good[0]} (step {run.last_good[1]})" if run.last_good else ""
+            raise OutputError(f"could not write to {run.out}: {e.strerror or e}{where}") from None
         finally:
             bar.close()
-        return summary
+    finally:
+        run.close()
 
 
 __all__ = ["TrainOptions", "train", "lr_at", "sample_text", "GPT2OnnxError"]

@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import InputError
 
-DENSE_SUM_TOL = 1e-3
+from contract import DENSE_SUM_TOL  # noqa: E402
 
 
 def refuse_masked(name: str, a) -> None:

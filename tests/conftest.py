@@ -51,7 +51,7 @@ def enospc_after(monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd)
 
-    from runtimes import checkpoint as ckpt_mod
+    from contract import files as files_mod
 
-    monkeypatch.setattr(ckpt_mod.os, "fsync", fsync)
+    monkeypatch.setattr(files_mod.os, "fsync", fsync)
     return state

@@ -27,7 +27,7 @@ def batches(cfg: dict, n: int, batch: int = 2, seq: int | None = None, seed: int
 
 
 def rel_err(a: np.ndarray, ref: np.ndarray, floor: float = 0.0) -> float:
-    """max |a - ref| / max(max |ref|, floor): the per-tensor measure the issues name.
+    """max |a - ref| / max(max |ref|, floor): a per-tensor relative error that a near-zero tensor cannot blow up.
 
     ``floor`` guards tensors whose exact gradient is zero: the key bias b_k
     shifts every score of a query row by the same q.b_k, which softmax

@@ -19,7 +19,7 @@ from onnx import numpy_helper as nh
 from onnx.reference import ReferenceEvaluator
 
 from tests.reference_ops import GatherElements  # the test graphs use axis=-1
-from graphgen.autodiff import UnsupportedOpError, add_gradients, add_vjp
+from graphgen.autodiff import AutodiffError, Rule, UnsupportedOpError, add_gradients, add_vjp, like_output
 from graphgen.vjp_rules import RULES
 
 OPSET = 17
@@ -371,3 +371,72 @@ def test_non_constant_pow_exponent_on_path_raises():
               {"a": pos(3), "e": rn(3)}, outputs=("loss",))
     with pytest.raises(UnsupportedOpError, match="Pow.*pw"):
         add_gradients(m, "loss", ["a", "e"])
+
+
+def _with_cotangent(m, name="y", shape=(2, 3, 4)):
+    m.graph.input.append(h.make_tensor_value_info(f"ct.{name}", TP.DOUBLE, list(shape)))
+    return m
+
+
+@pytest.mark.parametrize("generator", [False, True])
+def test_rule_returning_more_results_than_inputs_raises(monkeypatch, generator):
+    def extra(ctx, node, gouts):
+        return [gouts[0], None]
+
+    def extra_gen(ctx, node, gouts):
+        yield gouts[0]
+        yield None
+
+    monkeypatch.setitem(RULES, "Neg", Rule(extra_gen if generator else extra))
+    m = _with_cotangent(build([N("Neg", ["a"], ["y"], name="my_neg")], {"a": rn(2, 3, 4)}))
+    with pytest.raises(AutodiffError, match=r"Neg rule returned 2 results for node 'my_neg', which has 1 inputs"):
+        add_vjp(m, ["y"], ["ct.y"], ["a"])
+
+
+def test_rule_may_return_fewer_results_than_inputs():
+    # Reshape's rule gives only the data input's cotangent; the shape input gets none
+    m = build([N("Reshape", ["a", "s"], ["y"])], {"a": rn(2, 3, 4)}, inits={"s": np.array([6, 4], I64)})
+    m.graph.input.append(h.make_tensor_value_info("ct.y", TP.DOUBLE, [6, 4]))
+    node = m.graph.node[0]
+    grads = add_vjp(m, ["y"], ["ct.y"], ["a"])
+    assert [n.op_type for n in m.graph.node if n is not node] == ["Reshape"] and "a" in grads
+
+
+def test_engine_sums_cotangents_of_broadcast_inputs(monkeypatch):
+    """The Add rule returns g for both inputs; summing it to each input's shape is the engine's
+    work, driven by the rule's grad_like (no node at all where the shapes are equal)."""
+    def fwd():
+        return _with_cotangent(build([N("Add", ["a", "b"], ["y"])], {"a": rn(2, 3, 4), "b": rn(4)}))
+
+    assert RULES["Add"].grad_like is like_output
+    m = fwd()
+    grads = add_vjp(m, ["y"], ["ct.y"], ["a", "b"])
+    assert grads["a"] == "ct.y"
+    red = [n for n in m.graph.node if n.op_type == "ReduceSum"]
+    assert len(red) == 1 and red[0].input[0] == "ct.y" and grads["b"] == red[0].output[0]
+
+    monkeypatch.setitem(RULES, "Add", Rule(RULES["Add"].fn))  # same math, no grad_like
+    m = fwd()
+    assert add_vjp(m, ["y"], ["ct.y"], ["a", "b"]) == {"a": "ct.y", "b": "ct.y"}
+    assert not any(n.op_type == "ReduceSum" for n in m.graph.node)
+
+
+@pytest.mark.parametrize("name", ["sub_bcast", "div_bcast"])
+def test_negated_cotangent_is_negated_after_the_sum(name):
+    # gB = -unbroadcast(...): the Neg runs on B's (smaller) shape
+    bwd = check_vjp(**CASES[name])
+    producer = {o: n for n in bwd.graph.node for o in n.output}
+    negs = [n for n in bwd.graph.node if n.op_type == "Neg"]
+    assert len(negs) == 1 and producer[negs[0].input[0]].op_type in ("ReduceSum", "Reshape")
+
+
+def test_engine_does_not_import_its_rules():
+    import ast
+    import pathlib
+
+    import graphgen.autodiff
+
+    tree = ast.parse(pathlib.Path(graphgen.autodiff.__file__).read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not [x for x in names if "vjp_rules" in x]

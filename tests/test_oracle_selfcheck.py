@@ -4,7 +4,7 @@ The oracle is what every runtime is compared against, so it is checked here
 against things that do not share its code: finite differences, a batched
 implementation built from torch.nn.functional, the causal property, the
 equivalence of dense one-hot and index labels, and the AdamW formula of
-DESIGN.md written out in numpy.
+docs/semantics.md written out in numpy.
 """
 
 from __future__ import annotations

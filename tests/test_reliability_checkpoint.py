@@ -25,7 +25,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import runtimes
-from runtimes import checkpoint as ckpt_mod
+from contract import files as files_mod
 from runtimes.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from runtimes.errors import ArtifactError, CheckpointError, GPT2OnnxError, OutputError
 
@@ -351,4 +351,4 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
 
 def test_checkpoint_file_mode_follows_umask(tmp_path):
     write_atomic(tmp_path / "f", b"x")
-    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o666 & ~ckpt_mod._UMASK
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o666 & ~files_mod._UMASK

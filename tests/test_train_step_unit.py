@@ -155,7 +155,7 @@ def numpy_step(b, feeds):
 
 
 def literal_formula(w, g, m, v, hp):
-    """The update exactly as written in DESIGN.md, in float64."""
+    """The update exactly as docs/semantics.md writes it, in float64."""
     lr, b1, b2, eps, wd, b1h, b2h = (float(x) for x in hp)
     w, g, m, v = (np.asarray(a, np.float64) for a in (w, g, m, v))
     m2 = b1 * m + (1 - b1) * g
@@ -243,7 +243,7 @@ def test_step_matches_numpy_adamw(built, runtime):
     np.testing.assert_allclose(got["loss"], fwd_loss, rtol=1e-6)
     for k, w in want.items():  # gradients: the same graph, but ORT's and the reference's float32 kernels
         np.testing.assert_allclose(got[k], w, rtol=1e-5, atol=1e-8 if ".m." in k else 1e-7, err_msg=k)
-    for n in NAMES:  # and the formula as DESIGN.md writes it
+    for n in NAMES:  # and the formula as docs/semantics.md writes it
         w, m, v = literal_formula(feeds[n], grads[n], feeds[f"m.{n}"], feeds[f"v.{n}"], hp)
         np.testing.assert_allclose(got[f"new.{n}"], w, rtol=1e-5, atol=1e-7, err_msg=n)
         np.testing.assert_allclose(got[f"new.m.{n}"], m, rtol=1e-5, atol=1e-8, err_msg=n)

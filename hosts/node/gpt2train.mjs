@@ -18,19 +18,26 @@ import {
 import { createRequire } from 'node:module';
 import path from 'node:path';
 
-// The manifest checker and the ONNX external-data check are the page's: hosts/web/lib.mjs is
-// plain JS for browsers and Node alike, so both hosts refuse the same artifacts.
+// The contract (constants, manifest checks, hp, safetensors, batch files, samplers, the ONNX
+// external-data check) is hosts/common's, shared with the page: both hosts refuse the same
+// artifacts and build the same vectors. Its checks throw the error class they are given;
+// this module passes its own (below).
+import { BATCH_FORMAT, denseLabels as commonDenseLabels, readBatches } from '../common/batches.mjs';
 import {
-  CONFIG_KEYS, HP_LAYOUT, MANIFEST_FORMAT, MANIFEST_VERSIONS, checkClip, checkManifest, checkSelfContained, mulberry32,
-  trainStepInputs, trainStepOutputs,
-} from '../web/lib.mjs';
+  BATCH_INPUTS, CLIP_INPUT, CONFIG_KEYS, DENSE_SUM_TOL, GRAD_NORM_OUTPUT, HP_INPUT, HP_LAYOUT, HP_RTOL, LOSS_OUTPUT, MANIFEST_FORMAT,
+  MANIFEST_VERSIONS, TRAINING_SET_FILES, mName, newMName, newName, newVName, trainStepInputs, trainStepOutputs, vName,
+} from '../common/contract.mjs';
+import { checkClip, checkHp as commonCheckHp, makeHp as commonMakeHp } from '../common/hp.mjs';
+import { checkManifest, weightsFor } from '../common/manifest.mjs';
+import { checkSelfContained } from '../common/onnx_scan.mjs';
+import { encodeSafetensors as commonEncodeSafetensors, parseSafetensors } from '../common/safetensors.mjs';
+import { byteSampler as commonByteSampler, mulberry32, randomSampler } from '../common/samplers.mjs';
+import { numel, unravel } from '../common/util.mjs';
 
 const require = createRequire(import.meta.url);
 
-export { CONFIG_KEYS, HP_LAYOUT, MANIFEST_FORMAT };
-export const SUPPORTED_VERSIONS = MANIFEST_VERSIONS; // older ones are retired: lib.mjs says why
-export const HP_RTOL = 1e-4; // as runtimes/hp.py
-export const DENSE_SUM_TOL = 1e-3; // as runtimes/validate.py
+export { BATCH_FORMAT, CONFIG_KEYS, DENSE_SUM_TOL, HP_LAYOUT, HP_RTOL, MANIFEST_FORMAT, mulberry32, randomSampler };
+export const SUPPORTED_VERSIONS = MANIFEST_VERSIONS; // older ones are retired: contract/constants.json says why
 
 // ------------------------------------------------------------------------------ errors
 export class GPT2Error extends Error {
@@ -49,20 +56,9 @@ export class DataError extends GPT2Error {}
 export class TrainingDiverged extends GPT2Error {}
 
 // ------------------------------------------------------------------------- safetensors
-const DTYPES = {
-  F32: { bytes: 4, array: Float32Array },
-  F64: { bytes: 8, array: Float64Array },
-  I64: { bytes: 8, array: BigInt64Array },
-  I32: { bytes: 4, array: Int32Array },
-  U8: { bytes: 1, array: Uint8Array },
-};
-const DTYPE_OF_ARRAY = new Map(Object.entries(DTYPES).map(([k, v]) => [v.array, k]));
-
-const numel = (shape) => shape.reduce((a, b) => a * b, 1);
-
 /**
- * Read a safetensors file: { tensors: {name: {dtype, shape, data}}, metadata }.
- * data is a typed array (a copy, properly aligned) of the dtype; little-endian hosts only.
+ * Read a safetensors file: { tensors: {name: {dtype, shape, data}}, metadata }
+ * (hosts/common/safetensors.mjs parseSafetensors; problems are DataError).
  * `buf`, when given, is the file's content already read (and verified) by the caller.
  */
 export function readSafetensors(file, buf = undefined) {
@@ -73,44 +69,7 @@ export function readSafetensors(file, buf = undefined) {
       throw new DataError(`cannot read ${file}: ${e.code === 'ENOENT' ? 'no such file' : e.message}`);
     }
   }
-  if (buf.length < 8) throw new DataError(`${file}: ${buf.length} bytes is too short for a safetensors file`);
-  const hlen = Number(buf.readBigUInt64LE(0));
-  if (hlen < 2 || 8 + hlen > buf.length) {
-    throw new DataError(`${file}: header length ${hlen} does not fit in a ${buf.length}-byte file (not safetensors, or truncated)`);
-  }
-  let header;
-  try {
-    header = JSON.parse(buf.subarray(8, 8 + hlen).toString('utf8'));
-  } catch (e) {
-    throw new DataError(`${file}: safetensors header is not valid JSON (${e.message})`);
-  }
-  if (header === null || typeof header !== 'object' || Array.isArray(header)) {
-    throw new DataError(`${file}: safetensors header is not a JSON object`);
-  }
-  const body = buf.subarray(8 + hlen);
-  const metadata = header.__metadata__ ?? {};
-  const tensors = {};
-  for (const [name, info] of Object.entries(header)) {
-    if (name === '__metadata__') continue;
-    const dt = DTYPES[info?.dtype];
-    if (!dt) throw new DataError(`${file}: tensor ${JSON.stringify(name)} has dtype ${JSON.stringify(info?.dtype)}; this reader supports ${Object.keys(DTYPES).join(', ')}`);
-    const shape = info.shape;
-    if (!Array.isArray(shape) || !shape.every((d) => Number.isInteger(d) && d >= 0)) {
-      throw new DataError(`${file}: tensor ${JSON.stringify(name)} has a malformed shape ${JSON.stringify(shape)}`);
-    }
-    const [begin, end] = info.data_offsets ?? [];
-    const want = numel(shape) * dt.bytes;
-    if (!Number.isInteger(begin) || !Number.isInteger(end) || begin < 0 || end > body.length || end - begin !== want) {
-      throw new DataError(
-        `${file}: tensor ${JSON.stringify(name)} data_offsets ${JSON.stringify(info.data_offsets)} do not hold ${want} bytes ` +
-          `(${info.dtype}${JSON.stringify(shape)}) within the ${body.length}-byte data section (truncated?)`,
-      );
-    }
-    const copy = new Uint8Array(want);
-    copy.set(body.subarray(begin, end));
-    tensors[name] = { dtype: info.dtype, shape, data: new dt.array(copy.buffer, 0, numel(shape)) };
-  }
-  return { tensors, metadata };
+  return parseSafetensors(buf, file, DataError);
 }
 
 /**
@@ -219,42 +178,9 @@ export function checkOutputPath(file, artifacts = undefined) {
   return target;
 }
 
-/**
- * Serialise tensors ({name: {data: TypedArray, shape}}) as safetensors bytes. Keys are
- * sorted, data laid out in that order, header padded with spaces to a multiple of 8.
- * metadata values must be strings (the format's rule).
- */
+/** Tensors ({name: {data: TypedArray, shape}}) as safetensors bytes (hosts/common/safetensors.mjs; problems are InputError). */
 export function encodeSafetensors(tensors, metadata = undefined) {
-  const names = Object.keys(tensors).sort();
-  const header = {};
-  if (metadata) {
-    for (const [k, v] of Object.entries(metadata)) {
-      if (typeof v !== 'string') throw new InputError(`safetensors metadata ${k} must be a string, got ${typeof v}`);
-    }
-    header.__metadata__ = metadata;
-  }
-  let offset = 0;
-  for (const name of names) {
-    const { data, shape } = tensors[name];
-    const dtype = DTYPE_OF_ARRAY.get(data.constructor);
-    if (!dtype) throw new InputError(`tensor ${name}: unsupported array type ${data.constructor.name}`);
-    if (numel(shape) !== data.length) throw new InputError(`tensor ${name}: shape ${JSON.stringify(shape)} holds ${numel(shape)} values, data has ${data.length}`);
-    header[name] = { dtype, shape, data_offsets: [offset, offset + data.byteLength] };
-    offset += data.byteLength;
-  }
-  let json = JSON.stringify(header);
-  json += ' '.repeat((8 - (Buffer.byteLength(json) % 8)) % 8);
-  const hbytes = Buffer.from(json, 'utf8');
-  const out = Buffer.alloc(8 + hbytes.length + offset);
-  out.writeBigUInt64LE(BigInt(hbytes.length), 0);
-  hbytes.copy(out, 8);
-  let pos = 8 + hbytes.length;
-  for (const name of names) {
-    const { data } = tensors[name];
-    Buffer.from(data.buffer, data.byteOffset, data.byteLength).copy(out, pos);
-    pos += data.byteLength;
-  }
-  return out;
+  return commonEncodeSafetensors(tensors, metadata, InputError);
 }
 
 /**
@@ -281,7 +207,7 @@ export function sha256File(file) {
 }
 
 /**
- * Read and check `folder/manifest.json` (hosts/web/lib.mjs checkManifest: format, version,
+ * Read and check `folder/manifest.json` (hosts/common/manifest.mjs checkManifest: format, version,
  * structure, consistency). `needs` lists the files the caller will open: each must be listed
  * in the manifest, present, of the listed size, with the listed sha256, and each .onnx among
  * them must keep all its data inside itself (no external data, which could point anywhere).
@@ -347,54 +273,22 @@ export function loadWeights(art, file = undefined) {
   const verified = art.take?.('weights.safetensors'); // taken even when `file` replaces it: not held twice
   file ??= art.file('weights.safetensors');
   const { tensors } = readSafetensors(file, file === art.file('weights.safetensors') ? verified : undefined);
-  const out = {};
-  const missing = art.params.filter((p) => !(p.name in tensors)).map((p) => p.name);
-  if (missing.length) throw new ArtifactError(`${file}: missing parameters ${missing.slice(0, 5).join(', ')}${missing.length > 5 ? '...' : ''}`);
-  for (const p of art.params) {
-    const t = tensors[p.name];
-    if (t.dtype !== 'F32' || JSON.stringify(t.shape) !== JSON.stringify(p.shape)) {
-      throw new ArtifactError(`${file}: parameter ${p.name} is ${t.dtype}${JSON.stringify(t.shape)}, manifest says F32${JSON.stringify(p.shape)}`);
-    }
-    out[p.name] = t.data;
-  }
-  return out;
+  return weightsFor(art.params, tensors, file, ArtifactError);
 }
 
 // ----------------------------------------------------------------------------------- hp
 /**
  * The float32[7] hp vector for update number t (t = 1 first):
- * [lr, beta1, beta2, eps, wd, 1/(1-beta1^t), 1/(1-beta2^t)], computed in float64 and
- * rounded to float32, as runtimes.make_hp does.
+ * [lr, beta1, beta2, eps, wd, 1/(1-beta1^t), 1/(1-beta2^t)], as contract/hp.py make_hp
+ * (hosts/common/hp.mjs; values out of range are InputError).
  */
 export function makeHp(lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.01, t = 1) {
-  if (!Number.isInteger(t) || t < 1) throw new InputError(`step t must be an integer >= 1 (t counts from 1), got ${t}`);
-  // corrections from the float32 betas the vector carries, as runtimes.make_hp
-  const b1 = Math.fround(beta1), b2 = Math.fround(beta2);
-  const b1h = b1 > 0 ? 1.0 / (1.0 - b1 ** t) : 1.0;
-  const b2h = b2 > 0 ? 1.0 / (1.0 - b2 ** t) : 1.0;
-  return Float32Array.from([lr, beta1, beta2, eps, wd, b1h, b2h]);
+  return commonMakeHp(lr, beta1, beta2, eps, wd, t, InputError);
 }
 
-/** Validate hp for update number t; returns it as a Float32Array(7). */
+/** Validate hp for update number t; returns it as a Float32Array(7) (InputError otherwise). */
 export function checkHp(hp, t) {
-  if (!(hp instanceof Float32Array)) throw new InputError(`hp must be a Float32Array of 7 (use makeHp), got ${hp?.constructor?.name ?? typeof hp}`);
-  if (hp.length !== 7) throw new InputError(`hp must have length 7 [${HP_LAYOUT}], got ${hp.length}`);
-  hp.forEach((x, i) => {
-    if (!Number.isFinite(x)) throw new InputError(`hp[${i}] (${HP_LAYOUT[i]}) must be finite, got ${x}`);
-  });
-  const [lr, b1, b2, eps, wd] = hp;
-  if (lr < 0) throw new InputError(`hp[0] (lr) must be >= 0, got ${lr}`);
-  if (!(b1 >= 0 && b1 < 1)) throw new InputError(`hp[1] (beta1) must be in [0, 1), got ${b1}`);
-  if (!(b2 >= 0 && b2 < 1)) throw new InputError(`hp[2] (beta2) must be in [0, 1), got ${b2}`);
-  if (!(eps > 0)) throw new InputError(`hp[3] (eps) must be > 0, got ${eps}`);
-  if (wd < 0) throw new InputError(`hp[4] (weight_decay) must be >= 0, got ${wd}`);
-  const want = makeHp(lr, b1, b2, eps, wd, t);
-  for (const [i, name, base] of [[5, 'beta1h', 'beta1'], [6, 'beta2h', 'beta2']]) {
-    if (Math.abs(hp[i] - want[i]) > HP_RTOL * want[i]) {
-      throw new InputError(`hp[${i}] (${name}) = ${hp[i]} disagrees with step t=${t}: expected 1/(1-${base}^${t}) = ${want[i]} (build hp with makeHp(..., ${t}))`);
-    }
-  }
-  return hp;
+  return commonCheckHp(hp, t, InputError);
 }
 
 // ------------------------------------------------------------------------------ batches
@@ -428,15 +322,6 @@ function intBatch(name, x) {
     data = out;
   }
   return { data, dims: dims.slice() };
-}
-
-function unravel(i, dims) {
-  const idx = [];
-  for (let k = dims.length - 1; k >= 0; k--) {
-    idx.unshift(i % dims[k]);
-    i = Math.floor(i / dims[k]);
-  }
-  return idx.join(', ');
 }
 
 function checkRange(name, { data, dims }, hi, what) {
@@ -487,13 +372,15 @@ export function checkBatch(config, tokens, positions, labels) {
   return { tokens, positions, labels };
 }
 
-/** One-hot float32 (B, T, vocab) labels from integer ids {data, dims}. */
+/** One-hot float32 (B, T, vocab) labels {data, dims} from integer ids (as checkBatch takes them). */
 export function denseLabels(labels, vocab) {
-  const { data, dims } = intBatch('labels', labels);
-  checkRange('labels', { data, dims }, vocab, 'label ids');
-  const out = new Float32Array(data.length * vocab);
-  for (let i = 0; i < data.length; i++) out[i * vocab + Number(data[i])] = 1;
-  return { data: out, dims: [...dims, vocab] };
+  return commonDenseLabels(intBatch('labels', labels), vocab, InputError);
+}
+
+/** ONNX Runtime tensors of a checked batch (checkBatch: keyed by the contract's input names). */
+function batchFeeds(Tensor, batch) {
+  const tensor = ({ data, dims }) => new Tensor(data instanceof Float32Array ? 'float32' : 'int64', data, dims);
+  return Object.fromEntries(BATCH_INPUTS.map((name) => [name, tensor(batch[name])]));
 }
 
 // ---------------------------------------------------------------- portable train step
@@ -533,19 +420,21 @@ export class PortableTrainer {
     if (!io) throw new ArtifactError(`${art.folder}: manifest.json describes no model train_step.onnx`);
     this.inputNames = io.inputs.map((i) => i.name);
     this.outputNames = io.outputs.map((o) => o.name);
-    const names = art.params.map((p) => p.name);
     const expectIn = trainStepInputs(art.params);
     const expectOut = trainStepOutputs(art.params);
     for (const [what, want, have, sess] of [['inputs', expectIn, this.inputNames, session.inputNames], ['outputs', expectOut, this.outputNames, session.outputNames]]) {
       const missing = want.filter((n) => !have.includes(n) || !sess.includes(n));
       if (missing.length) throw new ArtifactError(`train_step.onnx ${what} lack ${missing.slice(0, 5).join(', ')} (manifest and model disagree with the train_step contract)`);
     }
+    // state: every input a step reads back, and the output that replaces it after the step
     this.state = {};
-    for (const p of art.params) {
-      const zeros = () => new ort.Tensor('float32', new Float32Array(numel(p.shape)), p.shape);
-      this.state[p.name] = new ort.Tensor('float32', weights[p.name], p.shape);
-      this.state[`m.${p.name}`] = zeros();
-      this.state[`v.${p.name}`] = zeros();
+    this.updates = [];
+    for (const { name, shape } of art.params) {
+      const zeros = () => new ort.Tensor('float32', new Float32Array(numel(shape)), shape);
+      this.state[name] = new ort.Tensor('float32', weights[name], shape);
+      this.state[mName(name)] = zeros();
+      this.state[vName(name)] = zeros();
+      this.updates.push([name, newName(name)], [mName(name), newMName(name)], [vName(name), newVName(name)]);
     }
   }
 
@@ -569,19 +458,16 @@ export class PortableTrainer {
     hp = checkHp(hp, this.stepCount + 1);
     clip = checkClip(clip, InputError);
     const T = this.ort.Tensor;
-    const feeds = { ...this.state };
-    feeds.tokens = new T('int64', b.tokens.data, b.tokens.dims);
-    feeds.positions = new T('int64', b.positions.data, b.positions.dims);
-    feeds.labels = b.labels.data instanceof Float32Array ? new T('float32', b.labels.data, b.labels.dims) : new T('int64', b.labels.data, b.labels.dims);
-    feeds.hp = new T('float32', hp, [7]);
-    feeds.clip = new T('float32', Float32Array.of(clip), []);
+    const feeds = { ...this.state, ...batchFeeds(T, b) };
+    feeds[HP_INPUT] = new T('float32', hp, [hp.length]);
+    feeds[CLIP_INPUT] = new T('float32', Float32Array.of(clip), []);
     const out = await this.session.run(feeds);
-    const loss = Number(out.loss.data[0]);
-    this.lastGradNorm = Number(out.grad_norm.data[0]);
+    const loss = Number(out[LOSS_OUTPUT].data[0]);
+    this.lastGradNorm = Number(out[GRAD_NORM_OUTPUT].data[0]);
     if (!Number.isFinite(loss)) {
       throw new TrainingDiverged(`loss is ${loss} at step ${this.stepCount + 1}; the update was not applied (parameters and moments stay at step ${this.stepCount})`);
     }
-    for (const name of Object.keys(this.state)) this.state[name] = out[`new.${name}`];
+    for (const [input, output] of this.updates) this.state[input] = out[output];
     this.stepCount += 1;
     return loss;
   }
@@ -593,8 +479,8 @@ export class PortableTrainer {
 
   /** AdamW moments {m: {name: Float32Array}, v: {...}}. */
   moments() {
-    const pick = (prefix) => Object.fromEntries(this.art.params.map((p) => [p.name, this.state[prefix + p.name].data]));
-    return { m: pick('m.'), v: pick('v.') };
+    const pick = (nameOf) => Object.fromEntries(this.art.params.map((p) => [p.name, this.state[nameOf(p.name)].data]));
+    return { m: pick(mName), v: pick(vName) };
   }
 
   /** Trained weights as safetensors, same keys/shapes/dtype as weights.safetensors. */
@@ -630,7 +516,7 @@ export const ORT_DEFAULT_LR = 1e-3;
 
 /** onnxruntime-web 1.19.2 TrainingSession on the ORT training set. */
 export class TrainingSetTrainer {
-  static NEEDS = ['training_model.onnx', 'eval_model.onnx', 'optimizer_model.onnx', 'checkpoint', 'weights.safetensors'];
+  static NEEDS = [...TRAINING_SET_FILES, 'weights.safetensors'];
 
   static async create(folder) {
     const art = loadArtifacts(folder, TrainingSetTrainer.NEEDS);
@@ -658,7 +544,7 @@ export class TrainingSetTrainer {
     this.ort = ort;
     this.session = session;
     this.stepCount = 0;
-    for (const n of ['tokens', 'positions', 'labels']) {
+    for (const n of BATCH_INPUTS) {
       if (!session.trainingInputNames.includes(n)) throw new ArtifactError(`training_model.onnx takes no input ${n} (inputs: ${session.trainingInputNames})`);
     }
   }
@@ -700,7 +586,8 @@ export class TrainingSetTrainer {
           `or train train_step.onnx (without --training-set), which reads all seven hp values every step`,
       );
     }
-    for (const [i, key] of [[1, 'beta1'], [2, 'beta2'], [3, 'eps'], [4, 'weight_decay']]) {
+    for (let i = 1; i < 5; i++) {
+      const key = HP_LAYOUT[i];
       const built = Math.fround(c[key]);
       if (Math.abs(hp[i] - built) > 1e-6 * Math.max(Math.abs(built), 1e-30)) {
         throw new InputError(`hp[${i}] (${key}) = ${hp[i]}, but optimizer_model.onnx was built with ${key}=${c[key]}: the optimizer model fixes it when built; rebuild the artifacts or train train_step.onnx instead`);
@@ -718,13 +605,7 @@ export class TrainingSetTrainer {
     if (Math.abs(fed - Math.fround(built)) > 1e-6 * Math.max(built, 1e-30)) {
       throw new InputError(`clip = ${clip}, but optimizer_model.onnx was built with clip=${built} (0: off): the optimizer model fixes it when built; rebuild the artifacts with --clip or train train_step.onnx instead`);
     }
-    const T = this.ort.Tensor;
-    const feeds = {
-      tokens: new T('int64', b.tokens.data, b.tokens.dims),
-      positions: new T('int64', b.positions.data, b.positions.dims),
-      labels: b.labels.data instanceof Float32Array ? new T('float32', b.labels.data, b.labels.dims) : new T('int64', b.labels.data, b.labels.dims),
-    };
-    const out = await this.session.runTrainStep(feeds);
+    const out = await this.session.runTrainStep(batchFeeds(this.ort.Tensor, b));
     const loss = Number(out[this.session.trainingOutputNames[0]].data[0]);
     if (!Number.isFinite(loss)) {
       await this.session.lazyResetGrad();
@@ -760,110 +641,24 @@ export class TrainingSetTrainer {
 }
 
 // ------------------------------------------------------------------ batch files (Python)
-export const BATCH_FORMAT = 'gpt2-onnx-batches';
-
 /**
- * Read a batch file written by `python -m runtimes.batchfile`: tokens, positions, labels
- * int64 (N, B, T) and metadata {lr, beta1, beta2, eps, weight_decay, config}. Checked
- * against the artifacts' config: the recorded config must agree, and every id must be in range.
- * Returns {n, batch, seq, hp: {lr, beta1, beta2, eps, weight_decay}, get(i) -> {tokens, positions, labels}}.
+ * Read a batch file written by `python -m runtimes.batchfile` (hosts/common/batches.mjs
+ * readBatches; problems are DataError): checked against the artifacts' config.
+ * Returns {n, batch, seq, hp: {lr, beta1, beta2, eps, weight_decay} (undefined where the file
+ * has none), metadata, get(i) -> {tokens, positions, labels}}.
  */
 export function readBatchFile(file, config) {
-  const { tensors, metadata } = readSafetensors(file);
-  if (metadata.format !== undefined && metadata.format !== BATCH_FORMAT) {
-    throw new DataError(`${file}: metadata format ${JSON.stringify(metadata.format)} is not ${BATCH_FORMAT}`);
+  let bytes;
+  try {
+    bytes = readFileSync(file);
+  } catch (e) {
+    throw new DataError(`cannot read ${file}: ${e.code === 'ENOENT' ? 'no such file' : e.message}`);
   }
-  for (const key of ['tokens', 'positions', 'labels']) {
-    const t = tensors[key];
-    if (!t) throw new DataError(`${file}: no tensor ${key} (a batch file holds tokens, positions, labels as int64 (N, B, T))`);
-    if (t.dtype !== 'I64' || t.shape.length !== 3) throw new DataError(`${file}: ${key} is ${t.dtype}${JSON.stringify(t.shape)}, expected I64 (N, B, T)`);
-    if (JSON.stringify(t.shape) !== JSON.stringify(tensors.tokens.shape)) {
-      throw new DataError(`${file}: ${key} shape ${JSON.stringify(t.shape)} differs from tokens shape ${JSON.stringify(tensors.tokens.shape)}`);
-    }
-  }
-  const [n, b, t] = tensors.tokens.shape;
-  if (n < 1 || b < 1 || t < 1) throw new DataError(`${file}: batch shape [${n}, ${b}, ${t}] is empty`);
-  if (metadata.config !== undefined) {
-    let want;
-    try {
-      want = JSON.parse(metadata.config);
-    } catch (e) {
-      throw new DataError(`${file}: metadata config is not JSON (${e.message})`);
-    }
-    for (const [k, v] of Object.entries(want)) {
-      if (config[k] !== v) {
-        throw new DataError(`${file} was written for artifacts with ${k}=${JSON.stringify(v)}, but manifest.json says ${k}=${JSON.stringify(config[k])}`);
-      }
-    }
-  }
-  if (t > config.context) throw new DataError(`${file}: sequence length T=${t} exceeds the artifacts' context ${config.context}`);
-  for (const [key, hi, what] of [['tokens', config.vocab, 'token ids'], ['positions', config.context, 'positions'], ['labels', config.vocab, 'label ids']]) {
-    const d = tensors[key].data;
-    for (let i = 0; i < d.length; i++) {
-      if (d[i] < 0n || d[i] >= BigInt(hi)) {
-        throw new DataError(`${file}: ${key}[${unravel(i, [n, b, t])}] = ${d[i]} is out of range: ${what} must be in [0, ${hi})`);
-      }
-    }
-  }
-  const hp = {};
-  for (const key of ['lr', 'beta1', 'beta2', 'eps', 'weight_decay']) {
-    if (metadata[key] === undefined) {
-      hp[key] = undefined;
-      continue;
-    }
-    const x = Number(metadata[key]);
-    if (!Number.isFinite(x)) throw new DataError(`${file}: metadata ${key}=${JSON.stringify(metadata[key])} is not a finite number`);
-    hp[key] = x;
-  }
-  const size = b * t;
-  const slice = (key, i) => ({ data: tensors[key].data.subarray(i * size, (i + 1) * size), dims: [b, t] });
-  return { n, batch: b, seq: t, hp, metadata, get: (i) => ({ tokens: slice('tokens', i), positions: slice('positions', i), labels: slice('labels', i) }) };
+  return readBatches(bytes, config, file, DataError);
 }
 
 // ------------------------------------------------------------------- simple samplers
-// mulberry32 (a small seeded 32-bit PRNG, uniform in [0, 1)) is the page's: hosts/web/lib.mjs
-// is plain JS for browsers and Node alike.
-export { mulberry32 };
-
-/** Random windows of a byte array: tokens = data[o:o+T], labels = data[o+1:o+T+1], positions 0..T-1. */
-export function textSampler(bytes, batch, seq, seed) {
-  if (bytes.length < seq + 1) throw new DataError(`the text holds ${bytes.length} bytes; one batch of sequence length T=${seq} needs at least T+1 = ${seq + 1}`);
-  const rand = mulberry32(seed);
-  const high = bytes.length - seq; // offsets 0 .. n-T-1
-  return () => {
-    const tokens = new BigInt64Array(batch * seq);
-    const labels = new BigInt64Array(batch * seq);
-    const positions = new BigInt64Array(batch * seq);
-    for (let r = 0; r < batch; r++) {
-      const o = Math.floor(rand() * high);
-      for (let j = 0; j < seq; j++) {
-        tokens[r * seq + j] = BigInt(bytes[o + j]);
-        labels[r * seq + j] = BigInt(bytes[o + j + 1]);
-        positions[r * seq + j] = BigInt(j);
-      }
-    }
-    const dims = [batch, seq];
-    return { tokens: { data: tokens, dims }, positions: { data: positions, dims }, labels: { data: labels, dims } };
-  };
-}
-
-/** Seeded uniformly random token ids in [0, vocab) (labels are the next token of the same stream). */
-export function randomSampler(vocab, batch, seq, seed) {
-  const rand = mulberry32(seed);
-  return () => {
-    const bytes = Array.from({ length: seq + 1 }, () => 0);
-    const tokens = new BigInt64Array(batch * seq);
-    const labels = new BigInt64Array(batch * seq);
-    const positions = new BigInt64Array(batch * seq);
-    for (let r = 0; r < batch; r++) {
-      for (let j = 0; j <= seq; j++) bytes[j] = Math.floor(rand() * vocab);
-      for (let j = 0; j < seq; j++) {
-        tokens[r * seq + j] = BigInt(bytes[j]);
-        labels[r * seq + j] = BigInt(bytes[j + 1]);
-        positions[r * seq + j] = BigInt(j);
-      }
-    }
-    const dims = [batch, seq];
-    return { tokens: { data: tokens, dims }, positions: { data: positions, dims }, labels: { data: labels, dims } };
-  };
+/** Random windows of a byte array (hosts/common/samplers.mjs byteSampler; a text too short is DataError). */
+export function byteSampler(bytes, batch, seq, seed) {
+  return commonByteSampler(bytes, batch, seq, seed, DataError);
 }

@@ -18,13 +18,13 @@ import {
   ORT_DEFAULT_LR,
   PortableTrainer,
   TrainingSetTrainer,
+  byteSampler,
   checkOutputPath,
   denseLabels,
   loadArtifacts,
   makeHp,
   randomSampler,
   readBatchFile,
-  textSampler,
 } from './gpt2train.mjs';
 
 const USAGE = `usage: node train.mjs --artifacts DIR [--steps N] [--lr LR] [--batch B] [--seq T] [--seed S]
@@ -137,7 +137,7 @@ async function main(argv) {
       if (!existsSync(o.data) || !statSync(o.data).isFile()) throw new DataError(`--data ${o.data}: no such file`);
       const bytes = readFileSync(o.data);
       if (cfg.vocab < 256) throw new DataError(`--data trains on byte tokens (0..255), but the artifacts' vocab is ${cfg.vocab}`);
-      next = textSampler(bytes, batch, seq, seed);
+      next = byteSampler(bytes, batch, seq, seed);
     } else {
       next = randomSampler(cfg.vocab, batch, seq, seed);
     }

@@ -2,7 +2,7 @@
 //
 // URL parameters (all optional):
 //   artifacts=/artifacts/tiny   artifact folder (manifest.json, weights.safetensors, train_step.onnx, forward.onnx)
-//   batches=URL                 train on exactly these batches (JSON or safetensors, see lib.mjs readBatches);
+//   batches=URL                 train on exactly these batches (JSON or safetensors, see hosts/common/batches.mjs);
 //                               otherwise random windows of the bundled text (corpus=URL, default ./corpus.txt)
 //   batch=4 seq=<context> seed=0 lr=1e-3 steps=<N>   for the text mode (steps: stop after N; default: until Stop)
 //   clip=C                      global gradient-norm clipping before AdamW (0: off; default 1 in the text mode,
@@ -14,11 +14,19 @@
 //
 // For tests: window.trainLog = [{step, loss, grad_norm}], window.trainDone (true once training stopped and the
 // sample is shown), window.sample = {tokens, promptLength, text}, window.trainError (message) on failure.
+//
+// The page is served at /, this module at /hosts/web/app.mjs; the contract code shared with hosts/node is
+// imported from /hosts/common/ (serve.mjs mounts it there).
 
+import { denseLabels, readBatches } from '/hosts/common/batches.mjs';
 import {
-  argmax, batchAt, byteSampler, checkHp, checkSelfContained, denseLabels, makeHp, parseSafetensors,
-  readBatches, readManifest, sampleLogits, sha256Hex, trainStepInputs, weightsFor, mulberry32, checkClip,
-} from './lib.mjs';
+  CLIP_INPUT, GRAD_NORM_OUTPUT, HP_INPUT, LOGITS_OUTPUT, LOSS_OUTPUT, mName, newMName, newName, newVName, trainStepInputs, vName,
+} from '/hosts/common/contract.mjs';
+import { checkAdamW, checkClip, makeHp } from '/hosts/common/hp.mjs';
+import { weightsFor } from '/hosts/common/manifest.mjs';
+import { parseSafetensors } from '/hosts/common/safetensors.mjs';
+import { byteSampler, mulberry32 } from '/hosts/common/samplers.mjs';
+import { argmax, checkFile, readManifest, sampleLogits, sha256Hex } from './lib.mjs';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -29,24 +37,7 @@ window.trainDone = false;
 window.trainError = null;
 window.sample = null;
 
-const ui = {
-  button: $('start'),
-  status(msg, isError = false) {
-    $('status').textContent = msg;
-    $('status').className = isError ? 'error' : '';
-  },
-};
-
-function fail(err) {
-  const msg = err && err.message ? err.message : String(err);
-  console.error(err);
-  window.trainError = msg;
-  ui.status(`error: ${msg}`, true);
-  ui.button.disabled = true;
-  ui.button.classList.remove('stop');
-  ui.button.textContent = 'Start';
-}
-
+// ------------------------------------------------------------------ URL parameters and files
 function intParam(name, dflt, lo, hi) {
   const raw = params.get(name);
   if (raw === null || raw === '') return dflt;
@@ -76,19 +67,130 @@ async function fetchOk(url) {
 const fetchBytes = async (url) => new Uint8Array(await (await fetchOk(url)).arrayBuffer());
 
 /** A file of the artifact folder, checked against the manifest (readManifest checked the entry's
- *  form); an ONNX model must also hold all its data (checkSelfContained), before any session. */
+ *  form); an ONNX model must also hold all its data, before any session opens it. */
 async function verified(base, name, files) {
   if (!Object.prototype.hasOwnProperty.call(files, name)) throw new Error(`${base}/manifest.json lists no file ${name}`);
-  const entry = files[name];
   const bytes = await fetchBytes(`${base}/${name}`);
-  if (entry.bytes !== bytes.byteLength) {
-    throw new Error(`${name}: ${bytes.byteLength} bytes, the manifest says ${entry.bytes}`);
+  return checkFile(name, bytes, files[name], await sha256Hex(bytes), `${base}/${name}`);
+}
+
+// ------------------------------------------------------------------ data
+/** The manifest's AdamW constants (makeHp's defaults where it has none) and the learning rate. */
+function adamw(config, lr) {
+  return checkAdamW({
+    lr, beta1: config.beta1 ?? 0.9, beta2: config.beta2 ?? 0.999, eps: config.eps ?? 1e-8,
+    weight_decay: config.weight_decay ?? 0.01,
+  }, 'hyperparameters');
+}
+
+/**
+ * The training data: exactly the batches of ?batches=, or random windows of a text.
+ * Returns {next(i) -> batch i, totalSteps, batch, seq, hp, clip, note}.
+ */
+async function loadData(config) {
+  const batchesUrl = params.get('batches');
+  if (batchesUrl) {
+    ui.status(`loading batches ${batchesUrl} …`);
+    const res = await fetchOk(batchesUrl);
+    const isJson = /\.json($|\?)/.test(batchesUrl) || (res.headers.get('content-type') || '').includes('json');
+    const src = isJson ? await res.json() : await res.arrayBuffer();
+    const batches = readBatches(src, config, batchesUrl);
+    return {
+      next: (i) => batches.get(i),
+      totalSteps: batches.n,
+      batch: batches.batch,
+      seq: batches.seq,
+      hp: { ...adamw(config, 1e-3), ...batches.hp }, // the file's values where it has them
+      clip: checkClip(numParam('clip', 0, (v) => v >= 0, 'a number >= 0')),
+      note: `${batches.n} batches from ${batchesUrl}`,
+    };
   }
-  const digest = await sha256Hex(bytes);
-  if (digest === null) console.warn(`${name}: not a secure context (no WebCrypto); sha256 not checked`);
-  if (digest !== null && digest !== entry.sha256) throw new Error(`${name}: sha256 ${digest} does not match the manifest's ${entry.sha256}`);
-  if (name.endsWith('.onnx')) checkSelfContained(bytes, `${base}/${name}`);
-  return bytes;
+  const corpusUrl = params.get('corpus') || './corpus.txt';
+  const text = new Uint8Array(await (await fetchOk(corpusUrl)).arrayBuffer());
+  const batch = intParam('batch', 4, 1, 1024);
+  const seq = intParam('seq', config.context, 1, config.context);
+  const seed = intParam('seed', 0, 0, 2 ** 32 - 1);
+  const steps = intParam('steps', 0, 0, 1e9); // 0: until Stop
+  const hp = adamw(config, numParam('lr', 1e-3, (v) => v >= 0, 'a number >= 0'));
+  const clip = checkClip(numParam('clip', 1, (v) => v >= 0, 'a number >= 0'));
+  const draw = byteSampler(text, batch, seq, seed);
+  return {
+    next: () => draw(),
+    totalSteps: steps > 0 ? steps : Infinity,
+    batch,
+    seq,
+    hp,
+    clip,
+    note: `random ${batch}x${seq} windows of ${corpusUrl} (${text.length} bytes, seed ${seed})`,
+  };
+}
+
+/** What to generate after training: the prompt= gen= temperature= sample_seed= parameters. */
+function sampleOptions() {
+  return {
+    prompt: params.get('prompt') ?? 'The ',
+    n: intParam('gen', 200, 0, 10000),
+    temperature: numParam('temperature', 0, (v) => v >= 0, 'a number >= 0'),
+    rand: mulberry32(intParam('sample_seed', 0, 0, 2 ** 32 - 1)),
+  };
+}
+
+// ------------------------------------------------------------------ model
+/** manifest.json of the artifact folder, checked: {base, config, plist, files}. */
+async function loadManifest(base) {
+  ui.status(`loading ${base}/manifest.json …`);
+  const { config, params: plist, files } = readManifest(await (await fetchOk(`${base}/manifest.json`)).json(), `${base}/manifest.json`);
+  return { base, config, plist, files };
+}
+
+/** The initial weights and a train_step.onnx session, both verified against the manifest:
+ *  {...manifest, weights: {name: Float32Array}, rt (startOrt's), forward: null}. */
+async function openModel(manifest) {
+  const { base, plist, files } = manifest;
+  ui.status('loading weights and train_step.onnx …');
+  const [weightBytes, stepBytes] = await Promise.all([
+    verified(base, 'weights.safetensors', files),
+    verified(base, 'train_step.onnx', files),
+  ]);
+  const weights = weightsFor(plist, parseSafetensors(weightBytes, 'weights.safetensors').tensors);
+  ui.status('starting onnxruntime-web …');
+  const rt = await startOrt(stepBytes, params.get('ep') || 'auto');
+  const expected = trainStepInputs(plist);
+  const got = rt.session.inputNames;
+  if (got.join('\n') !== expected.join('\n')) {
+    throw new Error(`train_step.onnx inputs [${got.slice(0, 4).join(', ')}, …] (${got.length}) differ from the manifest's order (${expected.length})`);
+  }
+  return { ...manifest, weights, rt, forward: null };
+}
+
+/**
+ * `n` bytes generated by forward.onnx (verified and opened on first use) from parameters
+ * `weights` (tensors in manifest order), greedy or sampled. Returns {tokens, promptLength}.
+ */
+async function generate(model, weights, { prompt, n, temperature, rand }) {
+  const { ort } = model.rt;
+  const V = model.config.vocab, C = model.config.context;
+  if (!model.forward) {
+    const fwdBytes = await verified(model.base, 'forward.onnx', model.files);
+    model.forward = await ort.InferenceSession.create(fwdBytes, model.rt.options);
+  }
+  const tokens = Array.from(new TextEncoder().encode(prompt));
+  if (tokens.length === 0) tokens.push(10); // start from a newline when the prompt is empty
+  const promptLength = tokens.length;
+  for (let i = 0; i < n; i++) {
+    const ctx = tokens.slice(-C);
+    const feeds = {};
+    model.plist.forEach(({ name }, k) => { feeds[name] = weights[k]; });
+    feeds.tokens = new ort.Tensor('int64', BigInt64Array.from(ctx, BigInt), [1, ctx.length]);
+    feeds.positions = new ort.Tensor('int64', BigInt64Array.from(ctx, (_, j) => BigInt(j)), [1, ctx.length]);
+    const logits = (await model.forward.run(feeds))[LOGITS_OUTPUT];
+    if (i % 16 === 15) await yieldToBrowser();
+    const start = (ctx.length - 1) * V;
+    tokens.push(temperature === 0
+      ? argmax(logits.data, start, start + V)
+      : sampleLogits(logits.data, start, start + V, temperature, rand()));
+  }
+  return { tokens, promptLength };
 }
 
 // ------------------------------------------------------------------ onnxruntime-web
@@ -130,6 +232,69 @@ async function startOrt(modelBytes, epParam) {
   const session = await ort.InferenceSession.create(modelBytes, wasmOptions);
   return { ort, session, ep: 'wasm', threads, options: wasmOptions };
 }
+
+// ------------------------------------------------------------------ trainer
+/** train_step.onnx in the tab: parameters and AdamW moments live here between steps. */
+class Trainer {
+  constructor(model, data) {
+    this.model = model;
+    this.data = data;
+    const names = model.plist.map((p) => p.name);
+    this.state = {
+      p: names.map((n) => model.weights[n]),
+      m: names.map((n) => new Float32Array(model.weights[n].length)),
+      v: names.map((n) => new Float32Array(model.weights[n].length)),
+    };
+    this.step = 0; // updates applied
+    this.gradNorm = null; // global gradient norm of the last step, before clipping
+    this.trainMs = 0;
+  }
+
+  /** Parameters (or moments: state.m, state.v) as onnxruntime tensors in manifest order. */
+  tensors(arrays = this.state.p) {
+    const { ort } = this.model.rt;
+    return arrays.map((a, i) => new ort.Tensor('float32', a, this.model.plist[i].shape));
+  }
+
+  /** One update on the next batch; returns that batch's loss before the update. */
+  async trainStep() {
+    const { rt: { ort, session }, plist, config } = this.model;
+    const { hp, clip } = this.data;
+    const { tokens, positions, labels } = this.data.next(this.step);
+    const feeds = {};
+    const pt = this.tensors(this.state.p), mt = this.tensors(this.state.m), vt = this.tensors(this.state.v);
+    plist.forEach(({ name }, i) => {
+      feeds[name] = pt[i];
+      feeds[mName(name)] = mt[i];
+      feeds[vName(name)] = vt[i];
+    });
+    feeds.tokens = new ort.Tensor('int64', tokens.data, tokens.dims);
+    feeds.positions = new ort.Tensor('int64', positions.data, positions.dims);
+    if (config.labels === 'dense') {
+      const dense = denseLabels(labels, config.vocab);
+      feeds.labels = new ort.Tensor('float32', dense.data, dense.dims);
+    } else {
+      feeds.labels = new ort.Tensor('int64', labels.data, labels.dims);
+    }
+    const vector = makeHp(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, this.step + 1);
+    feeds[HP_INPUT] = new ort.Tensor('float32', vector, [vector.length]);
+    feeds[CLIP_INPUT] = new ort.Tensor('float32', Float32Array.of(clip), []);
+    const out = await session.run(feeds);
+    const loss = Number(out[LOSS_OUTPUT].data[0]);
+    this.gradNorm = Number(out[GRAD_NORM_OUTPUT].data[0]);
+    if (!Number.isFinite(loss)) {
+      throw new Error(`loss is ${loss} at step ${this.step + 1}; the update was not applied (state stays at step ${this.step})`);
+    }
+    const take = (nameOf) => plist.map(({ name }) => out[nameOf(name)].data);
+    this.state = { p: take(newName), m: take(newMName), v: take(newVName) };
+    this.step += 1;
+    return loss;
+  }
+}
+
+// Between steps, give the browser a task boundary so clicks (Stop), painting and other tasks
+// get in: awaiting session.run alone only yields microtasks.
+const yieldToBrowser = () => new Promise((resolve) => setTimeout(resolve, 0));
 
 // ------------------------------------------------------------------ loss chart
 function drawChart(log) {
@@ -217,187 +382,93 @@ function scheduleChart() {
   });
 }
 
-// ------------------------------------------------------------------ main
-async function main() {
-  const base = (params.get('artifacts') || '/artifacts/tiny').replace(/\/+$/, '');
-  ui.status(`loading ${base}/manifest.json …`);
-  const manifest = readManifest(await (await fetchOk(`${base}/manifest.json`)).json(), `${base}/manifest.json`);
-  const { config, params: plist, files } = manifest;
-  const V = config.vocab, C = config.context;
+// ------------------------------------------------------------------ view
+const ui = {
+  button: $('start'),
+  status(msg, isError = false) {
+    $('status').textContent = msg;
+    $('status').className = isError ? 'error' : '';
+  },
+};
 
-  // Training data: exact batches from a file, or windows of a text.
-  let nextBatch, totalSteps, hpBase, B, T, dataNote, clip;
-  const batchesUrl = params.get('batches');
-  if (batchesUrl) {
-    ui.status(`loading batches ${batchesUrl} …`);
-    const res = await fetchOk(batchesUrl);
-    const isJson = /\.json($|\?)/.test(batchesUrl) || (res.headers.get('content-type') || '').includes('json');
-    const src = isJson ? await res.json() : await res.arrayBuffer();
-    const batches = readBatches(src, config, batchesUrl);
-    ({ batch: B, seq: T } = batches);
-    hpBase = batches.hp;
-    clip = checkClip(numParam('clip', 0, (v) => v >= 0, 'a number >= 0'));
-    totalSteps = batches.n;
-    nextBatch = (i) => batchAt(batches, i);
-    dataNote = `${batches.n} batches from ${batchesUrl}`;
-  } else {
-    const corpusUrl = params.get('corpus') || './corpus.txt';
-    const text = new Uint8Array(await (await fetchOk(corpusUrl)).arrayBuffer());
-    B = intParam('batch', 4, 1, 1024);
-    T = intParam('seq', C, 1, C);
-    const seed = intParam('seed', 0, 0, 2 ** 32 - 1);
-    const steps = intParam('steps', 0, 0, 1e9); // 0: until Stop
-    totalSteps = steps > 0 ? steps : Infinity;
-    hpBase = checkHp({
-      lr: numParam('lr', 1e-3, (v) => v >= 0, 'a number >= 0'),
-      beta1: config.beta1 ?? 0.9, beta2: config.beta2 ?? 0.999, eps: config.eps ?? 1e-8,
-      weight_decay: config.weight_decay ?? 0.01,
-    }, 'hyperparameters');
-    clip = checkClip(numParam('clip', 1, (v) => v >= 0, 'a number >= 0'));
-    const draw = byteSampler(text, B, T, seed);
-    nextBatch = () => draw();
-    dataNote = `random ${B}x${T} windows of ${corpusUrl} (${text.length} bytes, seed ${seed})`;
-  }
+function fail(err) {
+  const msg = err && err.message ? err.message : String(err);
+  console.error(err);
+  window.trainError = msg;
+  ui.status(`error: ${msg}`, true);
+  ui.button.disabled = true;
+  ui.button.classList.remove('stop');
+  ui.button.textContent = 'Start';
+}
 
-  ui.status('loading weights and train_step.onnx …');
-  const [weightBytes, stepBytes] = await Promise.all([
-    verified(base, 'weights.safetensors', files),
-    verified(base, 'train_step.onnx', files),
-  ]);
-  const weights = weightsFor(plist, parseSafetensors(weightBytes, 'weights.safetensors'));
-  let state = {
-    p: weights,
-    m: plist.map((p, i) => new Float32Array(weights[i].length)),
-    v: plist.map((p, i) => new Float32Array(weights[i].length)),
-  };
-
-  ui.status('starting onnxruntime-web …');
-  const rt = await startOrt(stepBytes, params.get('ep') || 'auto');
-  const { ort, session } = rt;
-  const expected = trainStepInputs(plist);
-  if (session.inputNames.join('\n') !== expected.join('\n')) {
-    throw new Error(`train_step.onnx inputs [${session.inputNames.slice(0, 4).join(', ')}, …] (${session.inputNames.length}) differ from the manifest's order (${expected.length})`);
-  }
-  const nParams = weights.reduce((a, w) => a + w.length, 0);
+/** The backend and the one-line summary of model, data and hyperparameters. */
+function showSetup(model, data) {
+  const { base, config, weights, rt } = model;
+  const { hp, clip } = data;
+  const nParams = Object.values(weights).reduce((a, w) => a + w.length, 0);
   $('backend').textContent = `${rt.ep}${rt.ep === 'wasm' ? ` ×${rt.threads}` : ''}`;
   $('info').textContent =
-    `${base}: d_model ${config.d_model}, ${config.n_layers} layers, context ${C}, vocab ${V}, ` +
-    `${(nParams / 1e6).toFixed(2)}M parameters, ${config.labels} labels · data: ${dataNote} · ` +
-    `lr ${hpBase.lr}, betas (${hpBase.beta1}, ${hpBase.beta2}), eps ${hpBase.eps}, wd ${hpBase.weight_decay}, ` +
+    `${base}: d_model ${config.d_model}, ${config.n_layers} layers, context ${config.context}, vocab ${config.vocab}, ` +
+    `${(nParams / 1e6).toFixed(2)}M parameters, ${config.labels} labels · data: ${data.note} · ` +
+    `lr ${hp.lr}, betas (${hp.beta1}, ${hp.beta2}), eps ${hp.eps}, wd ${hp.weight_decay}, ` +
     `clip ${clip > 0 && clip < Infinity ? clip : 'off'} · ` +
-    `onnxruntime-web ${ort.env.versions ? ort.env.versions.web || ort.env.versions.common : ''}, ` +
+    `onnxruntime-web ${rt.ort.env.versions ? rt.ort.env.versions.web || rt.ort.env.versions.common : ''}, ` +
     `cross-origin isolated: ${globalThis.crossOriginIsolated === true}`;
+}
 
-  const tensorsOf = (arrays) => arrays.map((a, i) => new ort.Tensor('float32', a, plist[i].shape));
-  const dims = [B, T];
+function showStats(trainer, loss) {
+  const { step, trainMs } = trainer;
+  $('step').textContent = String(step);
+  $('loss').textContent = loss.toFixed(4);
+  if (trainMs > 0) $('tps').textContent = Math.round((step * trainer.data.batch * trainer.data.seq) / (trainMs / 1000)).toLocaleString('en-US');
+  scheduleChart();
+}
 
-  let step = 0; // updates applied
-  let gradNorm = null; // global gradient norm of the last step, before clipping
+/** The generated text (the prompt highlighted) and window.sample. */
+function showSample({ tokens, promptLength }, step, { n, temperature }) {
+  const decoder = new TextDecoder('utf-8');
+  const text = decoder.decode(new Uint8Array(tokens));
+  const sampleEl = $('sample');
+  sampleEl.textContent = '';
+  const head = document.createElement('span');
+  head.className = 'prompt';
+  head.textContent = decoder.decode(new Uint8Array(tokens.slice(0, promptLength)));
+  sampleEl.append(head, decoder.decode(new Uint8Array(tokens.slice(promptLength))));
+  $('sample-info').textContent = `${n} bytes after step ${step}, ${temperature === 0 ? 'greedy' : `temperature ${temperature}`}, forward.onnx`;
+  window.sample = { tokens, promptLength, text, step, temperature };
+}
+
+// ------------------------------------------------------------------ Start / Stop
+/** The Start/Stop button: train until Stop or the last step, then show a sample; Start continues. */
+function wireButton(trainer) {
+  const { model, data } = trainer;
   let running = false;
-  let trainMs = 0;
-
-  async function trainStep() {
-    const { tokens, positions, labels } = nextBatch(step);
-    const feeds = {};
-    const pt = tensorsOf(state.p), mt = tensorsOf(state.m), vt = tensorsOf(state.v);
-    plist.forEach(({ name }, i) => {
-      feeds[name] = pt[i];
-      feeds[`m.${name}`] = mt[i];
-      feeds[`v.${name}`] = vt[i];
-    });
-    feeds.tokens = new ort.Tensor('int64', tokens, dims);
-    feeds.positions = new ort.Tensor('int64', positions, dims);
-    feeds.labels = config.labels === 'dense'
-      ? new ort.Tensor('float32', denseLabels(labels, V), [B, T, V])
-      : new ort.Tensor('int64', labels, dims);
-    feeds.hp = new ort.Tensor('float32', makeHp(hpBase, step + 1), [7]);
-    feeds.clip = new ort.Tensor('float32', Float32Array.of(clip), []);
-    const out = await session.run(feeds);
-    const loss = Number(out.loss.data[0]);
-    gradNorm = Number(out.grad_norm.data[0]);
-    if (!Number.isFinite(loss)) {
-      throw new Error(`loss is ${loss} at step ${step + 1}; the update was not applied (state stays at step ${step})`);
-    }
-    const take = (prefix) => plist.map(({ name }) => out[`${prefix}${name}`].data);
-    state = { p: take('new.'), m: take('new.m.'), v: take('new.v.') };
-    step += 1;
-    return loss;
-  }
-
-  // Between steps, give the browser a task boundary so clicks (Stop), painting and other tasks
-  // get in: awaiting session.run alone only yields microtasks.
-  const yieldToBrowser = () => new Promise((resolve) => setTimeout(resolve, 0));
-
-  let forwardSession = null;
-  async function generate() {
-    const prompt = params.get('prompt') ?? 'The ';
-    const n = intParam('gen', 200, 0, 10000);
-    const temperature = numParam('temperature', 0, (v) => v >= 0, 'a number >= 0');
-    const rand = mulberry32(intParam('sample_seed', 0, 0, 2 ** 32 - 1));
-    if (!forwardSession) {
-      const fwdBytes = await verified(base, 'forward.onnx', files);
-      forwardSession = await ort.InferenceSession.create(fwdBytes, rt.options);
-    }
-    const seq = Array.from(new TextEncoder().encode(prompt));
-    if (seq.length === 0) seq.push(10); // start from a newline when the prompt is empty
-    const promptLength = seq.length;
-    const weightsT = tensorsOf(state.p);
-    for (let i = 0; i < n; i++) {
-      const ctx = seq.slice(-C);
-      const feeds = {};
-      plist.forEach(({ name }, k) => { feeds[name] = weightsT[k]; });
-      feeds.tokens = new ort.Tensor('int64', BigInt64Array.from(ctx, BigInt), [1, ctx.length]);
-      feeds.positions = new ort.Tensor('int64', BigInt64Array.from(ctx, (_, j) => BigInt(j)), [1, ctx.length]);
-      const { logits } = await forwardSession.run(feeds);
-      if (i % 16 === 15) await yieldToBrowser();
-      const start = (ctx.length - 1) * V;
-      seq.push(temperature === 0
-        ? argmax(logits.data, start, start + V)
-        : sampleLogits(logits.data, start, start + V, temperature, rand()));
-    }
-    const decoder = new TextDecoder('utf-8');
-    const text = decoder.decode(new Uint8Array(seq));
-    const sampleEl = $('sample');
-    sampleEl.textContent = '';
-    const head = document.createElement('span');
-    head.className = 'prompt';
-    head.textContent = decoder.decode(new Uint8Array(seq.slice(0, promptLength)));
-    sampleEl.append(head, decoder.decode(new Uint8Array(seq.slice(promptLength))));
-    $('sample-info').textContent = `${n} bytes after step ${step}, ${temperature === 0 ? 'greedy' : `temperature ${temperature}`}, forward.onnx`;
-    window.sample = { tokens: seq, promptLength, text, step, temperature };
-  }
-
-  function showStats(loss) {
-    $('step').textContent = String(step);
-    $('loss').textContent = loss.toFixed(4);
-    if (trainMs > 0) $('tps').textContent = Math.round((step * B * T) / (trainMs / 1000)).toLocaleString('en-US');
-    scheduleChart();
-  }
 
   async function run() {
     running = true;
     window.trainDone = false;
     ui.button.textContent = 'Stop';
     ui.button.classList.add('stop');
-    ui.status(`training: ${dataNote}`);
+    ui.status(`training: ${data.note}`);
     try {
-      while (running && step < totalSteps) {
+      while (running && trainer.step < data.totalSteps) {
         const t0 = performance.now();
-        const loss = await trainStep();
-        trainMs += performance.now() - t0;
-        window.trainLog.push({ step, loss, grad_norm: gradNorm });
-        showStats(loss);
+        const loss = await trainer.trainStep();
+        trainer.trainMs += performance.now() - t0;
+        window.trainLog.push({ step: trainer.step, loss, grad_norm: trainer.gradNorm });
+        showStats(trainer, loss);
         await yieldToBrowser();
       }
       running = false;
       ui.button.disabled = true;
       ui.button.classList.remove('stop');
-      ui.status(`stopped after step ${step}; generating a sample …`);
-      await generate();
-      const left = totalSteps - step;
+      ui.status(`stopped after step ${trainer.step}; generating a sample …`);
+      const options = sampleOptions();
+      showSample(await generate(model, trainer.tensors(), options), trainer.step, options);
+      const left = data.totalSteps - trainer.step;
       ui.button.textContent = left > 0 ? 'Start' : 'Done';
       ui.button.disabled = !(left > 0);
-      ui.status(`stopped after step ${step}${left > 0 ? '; Start continues' : ` (all ${totalSteps} steps done)`}`);
+      ui.status(`stopped after step ${trainer.step}${left > 0 ? '; Start continues' : ` (all ${data.totalSteps} steps done)`}`);
       window.trainDone = true;
     } catch (e) {
       running = false;
@@ -415,9 +486,19 @@ async function main() {
     }
   });
   ui.button.disabled = false;
+}
+
+// ------------------------------------------------------------------ main
+async function main() {
+  const base = (params.get('artifacts') || '/artifacts/tiny').replace(/\/+$/, '');
+  const manifest = await loadManifest(base);
+  const data = await loadData(manifest.config);
+  const model = await openModel(manifest);
+  showSetup(model, data);
+  wireButton(new Trainer(model, data));
   drawChart(window.trainLog);
   window.addEventListener('resize', scheduleChart);
-  ui.status(`ready: ${dataNote}${Number.isFinite(totalSteps) ? `, ${totalSteps} steps` : ''}. Press Start.`);
+  ui.status(`ready: ${data.note}${Number.isFinite(data.totalSteps) ? `, ${data.totalSteps} steps` : ''}. Press Start.`);
 }
 
 main().catch(fail);

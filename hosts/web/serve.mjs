@@ -4,7 +4,12 @@
 //   node hosts/web/serve.mjs --artifacts artifacts [--data DIR] [--port 8000] [--host 127.0.0.1]
 //
 // Serves
-//   /              hosts/web/ (index.html, app.mjs, corpus.txt, ...; not node_modules)
+//   /              hosts/web/ (index.html, corpus.txt, ...; not node_modules)
+//   /hosts/web/... hosts/web/ again (app.mjs, lib.mjs), and
+//   /hosts/common/... hosts/common/ (the contract code shared with hosts/node), and
+//   /contract/...  contract/'s JSON files (constants.json, the schema, the vectors):
+//                  the repository's layout, so the modules' relative imports
+//                  (../common/x.mjs, ../../contract/constants.json) resolve as on disk
 //   /ort/...       node_modules/onnxruntime-web/dist/ (ort.*.mjs and the .wasm files)
 //   /artifacts/... the folder given by --artifacts (read-only), e.g. /artifacts/tiny/manifest.json
 //   /data/...      the folder given by --data, when given (batch files for ?batches=)
@@ -26,6 +31,8 @@ import { pipeline } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 
 const HERE = realpathSync(dirname(fileURLToPath(import.meta.url)));
+const COMMON = realpathSync(join(HERE, '..', 'common'));
+const CONTRACT = realpathSync(join(HERE, '..', '..', 'contract'));
 
 const MIME = {
   '.html': 'text/html; charset=utf-8',
@@ -124,25 +131,31 @@ if (!existsSync(join(ortDist, 'ort.wasm.min.mjs'))) {
 }
 ortDist = realpathSync(ortDist);
 
-// Mount table: URL prefix -> folder. Longest prefix first; '/' last.
+// Mount table: [URL prefix, folder, what it serves]. The first matching prefix serves; '/' last.
+const artifactsRoot = checkDir(opts.artifacts, '--artifacts');
+const anyFile = () => true;
+const notNodeModules = (parts) => parts[0] !== 'node_modules'; // node_modules only via /ort/
 const mounts = [
-  ['/ort/', ortDist],
-  ['/artifacts/', checkDir(opts.artifacts, '--artifacts')],
+  ['/ort/', ortDist, anyFile],
+  ['/artifacts/', artifactsRoot, anyFile],
+  ['/hosts/common/', COMMON, anyFile],
+  ['/hosts/web/', HERE, notNodeModules],
+  ['/contract/', CONTRACT, (parts) => parts.length > 0 && extname(parts[parts.length - 1]) === '.json'],
 ];
-if (opts.data) mounts.push(['/data/', checkDir(opts.data, '--data')]);
-mounts.push(['/', HERE]);
+if (opts.data) mounts.push(['/data/', checkDir(opts.data, '--data'), anyFile]);
+mounts.push(['/', HERE, notNodeModules]);
 
 const inside = (path, root) => path === root || path.startsWith(root.endsWith(sep) ? root : root + sep);
 
 /** {full, root}: the file a URL path names and the real folder it must stay inside; or null. */
 function resolvePath(urlPath) {
-  for (const [prefix, root] of mounts) {
+  for (const [prefix, root, serves] of mounts) {
     if (!urlPath.startsWith(prefix)) continue;
     const rel = urlPath.slice(prefix.length);
     const parts = rel.split('/').filter((p) => p !== '');
-    // No dot segments, no hidden files, no backslashes or NULs; node_modules only via /ort/.
+    // No dot segments, no hidden files, no backslashes or NULs.
     if (parts.some((p) => p.startsWith('.') || p.includes('\\') || p.includes('\0'))) return null;
-    if (prefix === '/' && parts[0] === 'node_modules') return null;
+    if (!serves(parts)) return null;
     const full = resolve(root, ...parts);
     if (!inside(full, root)) return null;
     let fence = root;
@@ -259,24 +272,24 @@ server.on('error', (err) => {
 server.listen(opts.port, opts.host, () => {
   const { port } = server.address();
   const host = opts.host.includes(':') ? `[${opts.host}]` : opts.host;
-  const suggestion = suggestArtifacts(mounts[1][1]);
+  const suggestion = suggestArtifacts(artifactsRoot);
   const query = suggestion && suggestion !== '/artifacts/tiny' ? `?artifacts=${suggestion}` : '';
   process.stdout.write(`http://${host}:${port}/${query}\n`);
   if (!isLoopback(opts.host)) {
     process.stderr.write(
-      `serve.mjs: warning: --host ${opts.host} is not a loopback address: the artifacts (${mounts[1][1]})` +
+      `serve.mjs: warning: --host ${opts.host} is not a loopback address: the artifacts (${artifactsRoot})` +
         `${opts.data ? ` and the data (${resolve(opts.data)})` : ''} become readable by anyone on the network ` +
         `who can reach port ${port}; use --host 127.0.0.1 to keep them on this machine\n`,
     );
   }
   if (!suggestion) {
     process.stderr.write(
-      `serve.mjs: no folder with a manifest.json in ${mounts[1][1]}; build one with ` +
+      `serve.mjs: no folder with a manifest.json in ${artifactsRoot}; build one with ` +
         '`python -m graphgen build --config tiny --out <that folder>/tiny`\n',
     );
   }
   process.stdout.write(
-    `serving hosts/web, onnxruntime-web at /ort/, ${mounts[1][1]} at /artifacts/` +
+    `serving hosts/web, hosts/common and contract/ (JSON), onnxruntime-web at /ort/, ${artifactsRoot} at /artifacts/` +
       (opts.data ? `, ${resolve(opts.data)} at /data/` : '') +
       ' (Ctrl-C stops)\n',
   );

@@ -1,7 +1,7 @@
 """Independent reference implementations used by the parity tests.
 
 Nothing here imports ``graphgen`` or ``runtimes``: the oracle is written from
-DESIGN.md's reference semantics alone, so a mistake shared with the builder
+docs/semantics.md alone, so a mistake shared with the builder
 cannot hide behind it.
 """
 

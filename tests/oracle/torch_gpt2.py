@@ -1,4 +1,4 @@
-"""The GPT-2 of DESIGN.md in plain PyTorch: the independent test oracle.
+"""The GPT-2 of docs/semantics.md in plain PyTorch: the independent test oracle.
 
 Written from the reference semantics only (it imports nothing from ``graphgen``
 or ``runtimes``), and deliberately naive where that makes it easier to trust:
@@ -25,7 +25,7 @@ positions of ``-sum(labels * log_softmax(logits))``.
 
 Training uses ``torch.optim.AdamW`` (single-tensor implementation, every
 parameter decayed, one constant learning rate), which is the update of
-DESIGN.md: ``m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+docs/semantics.md: ``m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
 w = w (1 - lr wd) - lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)``.
 
 Torch's global switches (thread count, deterministic algorithms) are set for
@@ -132,7 +132,7 @@ def _torch_settings(threads: int, deterministic: bool):
 
 
 class TorchGPT2:
-    """GPT-2 (pre-LN, tied embeddings) with AdamW, per DESIGN.md.
+    """GPT-2 (pre-LN, tied embeddings) with AdamW, per docs/semantics.md.
 
     ``config``: a dict (or object with attributes) holding vocab, context,
     d_model, n_heads, d_ff, n_layers; other keys are ignored.
@@ -375,7 +375,7 @@ class TorchGPT2:
 
 
 def lcg_weights(config: Any, seed: int = 42, init: str = "lcg") -> dict[str, np.ndarray]:
-    """DESIGN.md's seeded LCG init, written independently of graphgen's.
+    """docs/semantics.md's seeded LCG init, written independently of graphgen's.
 
     ``rng = (rng*1103515245 + 12345) & 0x7fffffff``; each weight is
     ``unit * 0.02`` with ``unit = (rng >> 7)/2^23 - 1`` (init="lcg") or

@@ -1,0 +1,166 @@
+"""manifest.json: its format and version, its structure, and what it says about a folder.
+
+Readers check a manifest before opening anything it names: the format and a
+version they read (retired versions get the reason and a request to rebuild),
+then the structure (manifest.schema.json, plus what a schema cannot express:
+wte/wpe shapes against the config, unique parameter names, file names inside
+the folder). Every failure is an ArtifactError naming the manifest and the value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from . import (CONFIG_KEYS, CONFIG_SIZES, HP_LAYOUT, LABEL_MODES, MANIFEST_FORMAT, MANIFEST_VERSION,
+               RETIRED_VERSIONS, SCHEMA)
+from .errors import ArtifactError
+from .jsonlimits import loads_limited
+
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def read_manifest(mpath: Path) -> dict:
+    """Parse ``mpath`` within bounds and check its format and version (ArtifactError otherwise)."""
+    try:
+        size = mpath.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{mpath} is {size:,} bytes; a manifest is a few hundred KiB at most")
+        manifest = loads_limited(mpath.read_bytes(), str(mpath), ArtifactError)
+    except OSError as e:
+        raise ArtifactError(f"{mpath} cannot be read: {e.strerror or e}") from None
+    check_format(mpath, manifest)
+    return manifest
+
+
+def check_format(mpath, manifest) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ArtifactError(f"{mpath}: not a {MANIFEST_FORMAT} manifest (format={found!r})")
+    version = manifest.get("format_version")
+    if version in RETIRED_VERSIONS:
+        raise ArtifactError(
+            f"{mpath}: format_version {version} is retired: {RETIRED_VERSIONS[version]}; rebuild the artifacts "
+            f"(python -m graphgen build, or make artifacts); checkpoints resume on the rebuilt folder"
+        )
+    if version != MANIFEST_VERSION:
+        raise ArtifactError(
+            f"{mpath}: format_version {version!r} is not one this runner reads {(MANIFEST_VERSION,)}; "
+            f"rebuild the artifacts with this version"
+        )
+
+
+def _check_schema(mpath, manifest: dict) -> None:
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(SCHEMA).iter_errors(manifest))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ArtifactError(
+            f"{mpath}: {where}: {error.message}; the manifest is damaged or from another version (rebuild the artifacts)"
+        )
+
+
+def check_structure(mpath, manifest: dict) -> None:
+    """Structure and internal consistency: what every runner relies on before opening a model.
+
+    The hand-written checks come first for their messages, which name the value
+    and what was expected; the schema then catches whatever they do not cover.
+    """
+
+    def bad(what: str):
+        raise ArtifactError(f"{mpath}: {what}; the manifest is damaged or from another version (rebuild the artifacts)")
+
+    for key, kind in (("config", dict), ("parameters", list), ("files", dict), ("models", dict), ("hp", dict)):
+        if key not in manifest:
+            bad(f"missing key {key!r}")
+        if not isinstance(manifest[key], kind):
+            bad(f"{key!r} is a {type(manifest[key]).__name__}, expected a {kind.__name__}")
+    cfg = manifest["config"]
+    missing_cfg = [k for k in CONFIG_KEYS if k not in cfg]
+    if missing_cfg:
+        raise ArtifactError(f"{mpath}: config lacks {missing_cfg}")
+    for k in CONFIG_SIZES:
+        if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 1:
+            bad(f"config.{k} = {cfg[k]!r}, expected an integer >= 1")
+    if cfg["labels"] not in LABEL_MODES:
+        bad(f"config.labels = {cfg['labels']!r}, expected 'index' or 'dense'")
+    for k, ok, rng in (("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+                       ("eps", lambda v: v > 0, "> 0"), ("weight_decay", lambda v: v >= 0, ">= 0"),
+                       ("clip", lambda v: v >= 0, ">= 0")):
+        v = cfg.get(k, 0.5 if k.startswith("beta") else 1.0)  # optional: only the training set reads them
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            bad(f"config.{k} = {v!r}, expected a finite number {rng}")
+    hp = manifest["hp"]
+    if list(hp.get("layout", ())) != list(HP_LAYOUT) or hp.get("length") != len(HP_LAYOUT) or hp.get("dtype") != "float32":
+        bad(f"hp is {hp.get('dtype')!r}[{hp.get('length')!r}] {hp.get('layout')!r}, this runner feeds float32[7] {list(HP_LAYOUT)}")
+    names = set()
+    for i, p in enumerate(manifest["parameters"]):
+        if (not isinstance(p, dict) or not isinstance(p.get("name"), str) or not isinstance(p.get("shape"), list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in p["shape"])
+                or p.get("dtype") != "float32"):
+            bad(f"parameters[{i}] = {p!r} is not {{name, shape: [positive ints], dtype: 'float32'}}")
+        if p["name"] in names:
+            bad(f"parameter {p['name']!r} is listed twice")
+        names.add(p["name"])
+    if not names:
+        bad("lists no parameters")
+    shapes = {p["name"]: p["shape"] for p in manifest["parameters"]}
+    for name, want in (("wte", [cfg["vocab"], cfg["d_model"]]), ("wpe", [cfg["context"], cfg["d_model"]])):
+        if name in shapes and shapes[name] != want:
+            raise ArtifactError(
+                f"{mpath}: parameter {name!r} has shape {shapes[name]}, but config (vocab {cfg['vocab']}, "
+                f"context {cfg['context']}, d_model {cfg['d_model']}) implies {want}: the manifest is from another config"
+            )
+    for name, info in manifest["files"].items():
+        if (not isinstance(info, dict) or not isinstance(info.get("sha256"), str)
+                or isinstance(info.get("bytes"), bool) or not isinstance(info.get("bytes"), int)):
+            bad(f"files[{name!r}] = {info!r} is not {{sha256, bytes}}")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            bad(f"files lists {name!r}, which is outside the artifact folder")
+    _check_schema(mpath, manifest)
+
+
+def artifact_folder_holding(path: str | Path) -> Path | None:
+    """The artifact folder that ``path`` is, or lies inside, or None.
+
+    Runners never write into an artifact folder: a file added there is refused by
+    the next build, and one replaced (weights.safetensors) makes the folder fail
+    its hash check for good. A folder is one when its manifest.json says so.
+    """
+    p = Path(os.path.abspath(path))
+    for folder in (p, *p.parents):
+        mpath = folder / "manifest.json"
+        try:
+            if not mpath.is_file() or mpath.stat().st_size > 64 << 20:
+                continue
+            manifest = loads_limited(mpath.read_bytes(), str(mpath), ValueError)
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT:
+            return folder
+    return None
+
+
+_DTYPES = {1: "float32", 7: "int64", 9: "bool", 11: "float64"}  # onnx TensorProto data types
+
+
+def describe_io(model) -> dict:
+    """A model's graph inputs (initializers excluded) and outputs as the manifest records them:
+    ``{"inputs": [{name, dtype, shape}], "outputs": [...]}``, a dim being its symbol, size or None."""
+
+    def value(vi) -> dict:
+        t = vi.type
+        if not t.HasField("tensor_type"):
+            return {"name": vi.name, "dtype": "sequence" if t.HasField("sequence_type") else "other", "shape": None}
+        tt = t.tensor_type
+        shape = None
+        if tt.HasField("shape"):
+            shape = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
+                     for d in tt.shape.dim]
+        return {"name": vi.name, "dtype": _DTYPES.get(tt.elem_type, str(tt.elem_type)), "shape": shape}
+
+    inits = {i.name for i in model.graph.initializer}
+    return {"inputs": [value(i) for i in model.graph.input if i.name not in inits],
+            "outputs": [value(o) for o in model.graph.output]}

@@ -1,0 +1,59 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+
+import { CONSTANTS, MANIFEST_FORMAT, RETIRED_VERSIONS, newMName, trainStepInputs, trainStepOutputs } from '../contract.mjs';
+import { checkManifest, weightsFor } from '../manifest.mjs';
+import base from '../../../contract/vectors/manifest_base.json' with { type: 'json' };
+import manifests from '../../../contract/vectors/manifests.json' with { type: 'json' };
+
+/** manifest_base.json with one edit [op, path, value?] applied (op: set or delete). */
+function edited(edit) {
+  const m = structuredClone(base);
+  if (edit === null) return m;
+  const [op, path, value] = edit;
+  const target = path.slice(0, -1).reduce((node, key) => node[key], m);
+  if (op === 'delete') delete target[path.at(-1)];
+  else if (op === 'set') target[path.at(-1)] = value;
+  else throw new Error(`unknown edit op ${op}`);
+  return m;
+}
+
+class ManifestError extends Error {}
+
+for (const c of manifests.cases) {
+  test(`manifest vector: ${c.name}`, () => {
+    const m = edited(c.edit);
+    if (c.error === null) {
+      assert.equal(checkManifest(m, 'manifest.json', ManifestError), m);
+    } else {
+      assert.throws(() => checkManifest(m, 'manifest.json', ManifestError), (e) => {
+        assert.ok(e instanceof ManifestError, e);
+        assert.ok(e.message.startsWith('manifest.json: '), e.message);
+        assert.ok(e.message.includes(c.error), `${JSON.stringify(c.error)} not in ${JSON.stringify(e.message)}`);
+        return true;
+      });
+    }
+  });
+}
+
+test('the constants come from contract/constants.json', () => {
+  assert.equal(MANIFEST_FORMAT, CONSTANTS.format);
+  assert.equal(base.format, MANIFEST_FORMAT);
+  assert.ok(RETIRED_VERSIONS.size > 0 && [...RETIRED_VERSIONS.keys()].every(Number.isInteger));
+  assert.ok(Object.isFrozen(CONSTANTS.hp.layout));
+});
+
+test("train_step names are the builder's (manifest_base.json's train_step.onnx inputs and outputs)", () => {
+  const io = base.models['train_step.onnx'];
+  assert.deepEqual(trainStepInputs(base.parameters), io.inputs.map((x) => x.name));
+  assert.deepEqual(trainStepOutputs(base.parameters), io.outputs.map((x) => x.name));
+  assert.equal(newMName('a$&b'), CONSTANTS.names.new_m.split('{p}').join('a$&b')); // `$` in a name is literal
+});
+
+test('weightsFor: every parameter, F32, of the manifest shape', () => {
+  const params = [{ name: 'a', shape: [2] }, { name: 'b', shape: [1, 1] }];
+  const tensors = { a: { dtype: 'F32', shape: [2], data: Float32Array.of(1, 2) }, b: { dtype: 'F32', shape: [1, 1], data: Float32Array.of(3) } };
+  assert.deepEqual(Object.keys(weightsFor(params, tensors)), ['a', 'b']);
+  assert.throws(() => weightsFor(params, { a: tensors.a }, 'w.st'), /w\.st: missing parameters b/);
+  assert.throws(() => weightsFor(params, { ...tensors, b: { ...tensors.b, shape: [1] } }, 'w.st'), /parameter b is F32\[1\], manifest says F32\[1,1\]/);
+});
