@@ -5,6 +5,8 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 ORTVENV := .venv-ort
 ORTSTAMP:= $(ORTVENV)/.installed
+ENGVENV := .venv-engines
+ENGSTAMP:= $(ENGVENV)/.installed
 CONFIGS ?= tiny small
 STEPS   ?=
 
@@ -22,6 +24,14 @@ $(STAMP): pyproject.toml
 $(ORTSTAMP): pyproject.toml
 	$(PY) -m venv $(ORTVENV)
 	$(ORTVENV)/bin/python -m pip install -q -e '.[ort]'
+	touch $@
+
+# Other ONNX engines (OpenVINO, tract, TVM, onnx2torch, tinygrad) for tests/test_engine_conformance.py,
+# pinned in tests/engines/requirements.txt; onnx2torch without its torchvision requirement.
+$(ENGSTAMP): tests/engines/requirements.txt
+	$(PY) -m venv $(ENGVENV)
+	$(ENGVENV)/bin/python -m pip install -q -r tests/engines/requirements.txt
+	$(ENGVENV)/bin/python -m pip install -q --no-deps onnx2torch==1.5.15
 	touch $@
 
 venv: $(STAMP)
@@ -46,9 +56,10 @@ $(WEBSTAMP): hosts/web/package-lock.json
 web: artifacts/tiny/manifest.json $(WEBSTAMP)
 	node hosts/web/serve.mjs --artifacts artifacts --port $(WEBPORT)
 
-# Debian's chromium for the headless browser test (installed only if missing).
-test: $(STAMP) $(ORTSTAMP) $(WEBSTAMP)
+# Debian's chromium for the headless browser test, and clang for tinygrad's CPU backend (each only if missing).
+test: $(STAMP) $(ORTSTAMP) $(ENGSTAMP) $(WEBSTAMP)
 	sh scripts/install_chromium.sh
+	sh scripts/install_clang.sh
 	$(VPY) -m pytest -q
 
 # 10,000 steps on tiny with checkpoints every 500: RSS and file descriptors must stay flat.

@@ -5,7 +5,7 @@
                         [--rounds N] [--burst K]
 
 For each case (config, batch x T) it starts one process per participant
-(bench/worker.py): the ``ort`` and ``ort-training`` runtimes, the batched
+(bench/worker.py): the ``ort``, ``ort-training`` and ``openvino`` runtimes, the batched
 PyTorch eager model (bench/torch_model.py; ``torch`` with an explicit masked
 softmax, ``torch-sdpa`` with scaled_dot_product_attention) and a NumPy sgemm
 probe. It then runs warm-up steps and alternates short bursts of steps across
@@ -95,7 +95,7 @@ CASES = [
 ]
 QUICK_CASES = [Case("small", 1, 256, 6, 2)]
 EXTRA_CASES = [Case("tiny", 1, 64, 2, 1)]  # selected only by name
-RUNTIMES = ("ort", "ort-training", "torch", "torch-sdpa")
+RUNTIMES = ("ort", "ort-training", "openvino", "torch", "torch-sdpa")
 BASELINE = "torch"
 
 # The targets: (case label, runtime) -> minimum tokens/s ratio to the baseline.
@@ -136,7 +136,7 @@ def machine_info(threads: int) -> dict:
     from importlib import metadata
 
     for dist in ("onnxruntime", "onnxruntime-training-cpu", "onnxruntime-training", "onnxruntime-gpu",
-                 "torch", "numpy", "onnx"):
+                 "openvino", "torch", "numpy", "onnx"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

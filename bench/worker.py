@@ -1,6 +1,6 @@
 """One benchmark participant in its own process, driven over stdin/stdout (JSON lines).
 
-    python -m bench.worker --kind ort|ort-training|torch|torch-sdpa|sgemm \
+    python -m bench.worker --kind ort|ort-training|openvino|torch|torch-sdpa|sgemm \
         --artifacts DIR --batch B --seq T --threads N [--device cpu|cuda]
 
 The worker loads its model, answers ``{"ready": ...}``, then runs one timed
@@ -22,7 +22,7 @@ import resource
 import sys
 import time
 
-KINDS = ("ort", "ort-training", "torch", "torch-sdpa", "sgemm", "check")
+KINDS = ("ort", "ort-training", "openvino", "torch", "torch-sdpa", "sgemm", "check")
 N_BATCHES = 4
 LR = 1e-4
 SGEMM_N = 2048
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     try:
-        runner = {"ort": _Ort, "ort-training": _Ort, "torch": _Torch, "torch-sdpa": _Torch, "sgemm": _Sgemm,
+        runner = {"ort": _Ort, "ort-training": _Ort, "openvino": _Ort, "torch": _Torch, "torch-sdpa": _Torch, "sgemm": _Sgemm,
                   "check": _Check}[a.kind](a)
     except Exception as e:  # reported to the driver, which prints it and carries on without this participant
         send({"ready": False, "error": f"{type(e).__name__}: {e}"})

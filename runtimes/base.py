@@ -31,6 +31,7 @@ REGISTRY: dict[str, str] = {
     "ort-training": "runtimes.ort_training:OrtTrainingRuntime",
     "ort": "runtimes.ort:OrtRuntime",
     "reference": "runtimes.reference:ReferenceRuntime",
+    "openvino": "runtimes.openvino:OpenVinoRuntime",
 }
 DEVICES = ("cpu", "cuda")
 

@@ -3,7 +3,8 @@
 Runtimes: ort-training (ONNX Runtime's gradient builder + fused AdamW kernel on
 the training set), ort (our autodiff + AdamW in train_step.onnx on onnxruntime
 1.19 here, and on a current onnxruntime release in .venv-ort), reference
-(onnx.reference.ReferenceEvaluator on train_step.onnx). The two backward
+(onnx.reference.ReferenceEvaluator on train_step.onnx), openvino (OpenVINO's
+CPU plugin on train_step.onnx, in .venv: the test extra installs it). The two backward
 derivations are independent; the oracle (tests/oracle, PyTorch autograd and
 torch.optim.AdamW) is independent of both.
 
@@ -30,7 +31,7 @@ from tests.oracle.torch_gpt2 import TorchGPT2
 from tests.parity_util import F32, batches, compare_state, floored_errors, report
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIMES = ["ort-training", "ort", "reference"]
+RUNTIMES = ["ort-training", "ort", "reference", "openvino"]
 MODES = ["index", "dense"]
 STEPS, LR, BETAS, EPS, WD = 20, 1e-3, (0.9, 0.999), 1e-8, 0.01
 ORT_CURRENT_PY = ROOT / ".venv-ort" / "bin" / "python"
