@@ -58,8 +58,8 @@ web: artifacts/tiny/manifest.json $(WEBSTAMP)
 
 # Debian's chromium for the headless browser test, and clang for tinygrad's CPU backend (each only if missing).
 test: $(STAMP) $(ORTSTAMP) $(ENGSTAMP) $(WEBSTAMP)
-	sh scripts/install_chromium.sh
-	sh scripts/install_clang.sh
+	sh scripts/install_debian.sh /usr/bin/chromium chromium fonts-dejavu-core
+	sh scripts/install_debian.sh clang clang
 	$(VPY) -m pytest -q
 
 # 10,000 steps on tiny with checkpoints every 500: RSS and file descriptors must stay flat.

@@ -8,7 +8,7 @@ exact gradient is zero, to its drift bound; see tests/parity_util.py).
 
 The engines live in .venv-engines (``make test`` creates it from tests/engines/requirements.txt)
 and each runs in its own process through tests/engines/run_engine.py. tinygrad's CPU backend
-compiles its kernels with clang (``make test`` installs it: scripts/install_clang.sh).
+compiles its kernels with clang (``make test`` installs it: scripts/install_debian.sh).
 
 An engine that fails on a defect of its own is marked ``xfail(strict=True)``, and each defect
 keeps a minimal repro here (a few-node model built in the test, its expected output from
@@ -69,7 +69,7 @@ def run_driver(engines_py: Path, engine: str, target: Path, feeds: Path, out: Pa
     env = dict(os.environ)
     if engine == "tinygrad":
         cc = env.get("CC", "clang")
-        assert shutil.which(cc), f"tinygrad's CPU backend needs {cc}: run `sh scripts/install_clang.sh` (make test does)"
+        assert shutil.which(cc), f"tinygrad's CPU backend needs {cc}: run `sh scripts/install_debian.sh clang clang` (make test does)"
         # its own kernel cache: one left by another compiler in ~/.cache/tinygrad can hold objects it cannot load
         env.update(DEV="CPU", CACHEDB=str(tmp / "tinygrad-cache.db"))
     proc = subprocess.run([str(engines_py), str(DRIVER), engine, str(target), str(feeds), str(out)],

@@ -1,7 +1,7 @@
 """The browser host (hosts/web): train_step.onnx trained in headless Chromium with
 onnxruntime-web must reproduce the Python `ort` runtime's losses on the same batches.
 
-Needs Node (>= 20, with npm) and Debian's /usr/bin/chromium (scripts/install_chromium.sh;
+Needs Node (>= 20, with npm) and Debian's /usr/bin/chromium (scripts/install_debian.sh;
 `make test` installs it). Skipped, with the reason, only where /usr/bin/chromium is absent.
 The test tooling (playwright-core, onnxruntime-web) comes from hosts/web/package-lock.json via
 `npm ci`; no browser is ever downloaded. The screenshot lands in test-output/web-host.png.
@@ -53,7 +53,7 @@ def _node() -> str:
 def web_tooling() -> str:
     """hosts/web/node_modules from the lockfile (npm ci when missing or stale); returns node's path."""
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: run scripts/install_chromium.sh (make test does) to run the browser host test")
+        pytest.skip(f"{CHROMIUM} is absent: run scripts/install_debian.sh (make test does) to run the browser host test")
     node = _node()
     lock = WEB / "package-lock.json"
     # Two test runs at once must not both `npm ci` into the same folder: hold a lock.
