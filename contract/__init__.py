@@ -39,6 +39,13 @@ LOGITS_OUTPUT: str = CONSTANTS["logits_output"]
 DENSE_SUM_TOL: float = CONSTANTS["dense_sum_tol"]
 TRAINING_FILES: tuple[str, ...] = tuple(CONSTANTS["training_set"])
 _NAMES: dict[str, str] = CONSTANTS["names"]
+TOKENIZER_KINDS: tuple[str, ...] = tuple(CONSTANTS["tokenizer"]["kinds"])
+TOKENIZER_FILE: str = CONSTANTS["tokenizer"]["file"]
+BYTES_VOCAB_SIZE: int = CONSTANTS["tokenizer"]["bytes_vocab_size"]
+SOURCE_KINDS: tuple[str, ...] = tuple(CONSTANTS["source_kinds"])
+HF_EXPORT_MARKER: str = CONSTANTS["hf_export"]["marker"]
+HF_EXPORT_FORMAT: str = CONSTANTS["hf_export"]["format"]
+KV_KINDS: tuple[str, ...] = tuple(CONSTANTS["kv_cache"]["kinds"])
 
 
 def m_name(p: str) -> str:
@@ -61,6 +68,16 @@ def new_m_name(p: str) -> str:
 
 def new_v_name(p: str) -> str:
     return _NAMES["new_v"].format(p=p)
+
+
+def past_name(layer: int, kind: str) -> str:
+    """decoder.onnx input holding layer ``layer``'s cached keys or values (``kind`` of KV_KINDS)."""
+    return CONSTANTS["kv_cache"]["past"].format(layer=layer, kind=kind)
+
+
+def present_name(layer: int, kind: str) -> str:
+    """decoder.onnx output: the cache of ``past_name(layer, kind)`` with the new positions appended."""
+    return CONSTANTS["kv_cache"]["present"].format(layer=layer, kind=kind)
 
 
 def name_template(key: str) -> str:

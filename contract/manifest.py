@@ -13,8 +13,8 @@ import math
 import os
 from pathlib import Path
 
-from . import (CONFIG_KEYS, CONFIG_SIZES, HP_LAYOUT, LABEL_MODES, MANIFEST_FORMAT, MANIFEST_VERSION,
-               RETIRED_VERSIONS, SCHEMA)
+from . import (BYTES_VOCAB_SIZE, CONFIG_KEYS, CONFIG_SIZES, HP_LAYOUT, LABEL_MODES, MANIFEST_FORMAT, MANIFEST_VERSION,
+               RETIRED_VERSIONS, SCHEMA, SOURCE_KINDS, TOKENIZER_FILE, TOKENIZER_KINDS)
 from .errors import ArtifactError
 from .jsonlimits import loads_limited
 
@@ -119,7 +119,47 @@ def check_structure(mpath, manifest: dict) -> None:
             bad(f"files[{name!r}] = {info!r} is not {{sha256, bytes}}")
         if Path(name).is_absolute() or ".." in Path(name).parts:
             bad(f"files lists {name!r}, which is outside the artifact folder")
+    _check_tokenizer(manifest, bad)
+    _check_source(manifest, bad)
     _check_schema(mpath, manifest)
+
+
+def tokenizer_of(manifest: dict) -> dict:
+    """The manifest's tokenizer entry; folders that record none are byte-level."""
+    return manifest.get("tokenizer") or {"kind": "bytes", "vocab_size": BYTES_VOCAB_SIZE}
+
+
+def _check_tokenizer(manifest: dict, bad) -> None:
+    if "tokenizer" not in manifest:
+        return
+    tok = manifest["tokenizer"]
+    if not isinstance(tok, dict) or tok.get("kind") not in TOKENIZER_KINDS:
+        bad(f"tokenizer = {tok!r}, expected an object whose kind is one of {list(TOKENIZER_KINDS)}")
+    size = tok.get("vocab_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        bad(f"tokenizer.vocab_size = {size!r}, expected an integer >= 1")
+    if tok["kind"] == "bytes":
+        if size != BYTES_VOCAB_SIZE:
+            bad(f"tokenizer.vocab_size = {size!r}, but a bytes tokenizer has {BYTES_VOCAB_SIZE}")
+        return
+    vocab = manifest["config"]["vocab"]
+    if size > vocab:
+        bad(f"tokenizer.vocab_size = {size} is larger than config.vocab = {vocab}: its ids would not fit the model")
+    if tok.get("file") != TOKENIZER_FILE:
+        bad(f"tokenizer.file = {tok.get('file')!r}, expected {TOKENIZER_FILE!r}")
+    listed = manifest["files"].get(TOKENIZER_FILE)
+    if not isinstance(listed, dict) or listed.get("sha256") != tok.get("sha256"):
+        bad(f"tokenizer.sha256 = {tok.get('sha256')!r} is not the sha256 files lists for {TOKENIZER_FILE!r}")
+
+
+def _check_source(manifest: dict, bad) -> None:
+    if "source" not in manifest:
+        return
+    src = manifest["source"]
+    if not isinstance(src, dict) or src.get("kind") not in SOURCE_KINDS:
+        bad(f"source = {src!r}, expected an object whose kind is one of {list(SOURCE_KINDS)}")
+    if src["kind"] == "huggingface" and not isinstance(src.get("files"), dict):
+        bad(f"source.files = {src.get('files')!r}, expected an object of file name -> sha256")
 
 
 def artifact_folder_holding(path: str | Path) -> Path | None:

@@ -1,4 +1,5 @@
-"""CLI: ``python -m graphgen build --config tiny --out artifacts/tiny [...]``."""
+"""CLI: ``python -m graphgen build --config tiny --out artifacts/tiny [...]``, or
+``python -m graphgen build --from-hf DIR --out ART [...]`` for a Hugging Face GPT-2 folder."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m graphgen", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build an artifact folder for a GPT-2 configuration")
-    b.add_argument("--config", default="tiny", help=f"preset: {', '.join(PRESETS)} (default tiny)")
-    b.add_argument("--out", type=Path, help="output folder (default artifacts/<config>)")
-    b.add_argument("--seed", type=int, default=42)
-    b.add_argument("--init", choices=INIT_MODES, default="lcg")
+    b.add_argument("--config", default=None, help=f"preset: {', '.join(PRESETS)} (default tiny)")
+    b.add_argument("--from-hf", type=Path, default=None, metavar="DIR",
+                   help="import a Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer) instead of "
+                        "a preset: its config, weights and tokenizer")
+    b.add_argument("--out", type=Path, help="output folder (default artifacts/<config>, or artifacts/<DIR's name>)")
+    b.add_argument("--seed", type=int, default=None, help="init seed (default 42)")
+    b.add_argument("--init", choices=INIT_MODES, default=None, help="init mode (default lcg)")
     b.add_argument("--labels", choices=LABEL_MODES, default="index")
     b.add_argument("--beta1", type=float, default=0.9)
     b.add_argument("--beta2", type=float, default=0.999)
@@ -33,35 +37,61 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(message: str) -> int:
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        cfg = GPT2Config.preset(
-            args.config,
-            vocab=args.vocab,
-            context=args.context,
-            d_model=args.d_model,
-            n_heads=args.n_heads,
-            d_ff=args.d_ff,
-            n_layers=args.n_layers,
-            seed=args.seed,
-            init=args.init,
-            labels=args.labels,
-            beta1=args.beta1,
-            beta2=args.beta2,
-            eps=args.eps,
-            weight_decay=args.weight_decay,
-            clip=args.clip,
-        )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    imported = None
+    if args.from_hf is not None:
+        # the model's shape and weights are the folder's: preset, size and init options have no meaning here
+        given = [f"--{k.replace('_', '-')}" for k in ("config", "seed", "init", "vocab", "context", "d_model",
+                                                      "n_heads", "d_ff", "n_layers") if getattr(args, k) is not None]
+        if given:
+            return _fail(f"--from-hf takes the model from {args.from_hf}; {', '.join(given)} cannot be combined with it")
+        from .hf_import import ImportRefused, import_hf
+
+        try:
+            imported = import_hf(args.from_hf, labels=args.labels, beta1=args.beta1, beta2=args.beta2, eps=args.eps,
+                                 weight_decay=args.weight_decay, clip=args.clip)
+        except (ImportRefused, ConfigError) as e:
+            return _fail(str(e))
+        except MemoryError:
+            return _fail(f"not enough memory to import {args.from_hf}")
+        cfg = imported.config
+        if imported.tokenizer["kind"] == "bytes":
+            print(f"note: {args.from_hf} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); "
+                  f"the folder will train on bytes", flush=True)
+    if imported is None:
+        try:
+            cfg = GPT2Config.preset(
+                args.config or "tiny",
+                vocab=args.vocab,
+                context=args.context,
+                d_model=args.d_model,
+                n_heads=args.n_heads,
+                d_ff=args.d_ff,
+                n_layers=args.n_layers,
+                seed=args.seed,
+                init=args.init,
+                labels=args.labels,
+                beta1=args.beta1,
+                beta2=args.beta2,
+                eps=args.eps,
+                weight_decay=args.weight_decay,
+                clip=args.clip,
+            )
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from .artifacts import OutputFolderError, build_artifacts  # heavy imports only once the config is valid
 
-    out = args.out or Path("artifacts") / args.config
+    out = args.out or Path("artifacts") / (cfg.name if imported is not None else args.config or "tiny")
     print(f"building {cfg.name}: {cfg.to_dict()}", flush=True)
     try:
-        build_artifacts(cfg, out, log=lambda m: print(m, flush=True), force=args.force)
+        build_artifacts(cfg, out, log=lambda m: print(m, flush=True), force=args.force, imported=imported)
     except OutputFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""CLI: ``python -m runtimes train --artifacts artifacts/small --steps N [...]``.
+"""CLI: ``python -m runtimes train --artifacts artifacts/small --steps N [...]``, and
+``python -m runtimes sample (--checkpoint CKPT | --artifacts ART) --prompt TEXT [...]``.
 
 Exit status: 0 on success; 2 with one line ``error: ...`` on stderr for every
 error this package raises on purpose (bad option, artifacts, data, checkpoint,
@@ -48,11 +49,67 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-after", type=int, default=None,
                    help="stop after this step with a checkpoint (the lr schedule still spans --steps); resume later")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("sample", help="generate text with decoder.onnx's key/value cache",
+                       description="Streams the prompt and the generated text to stdout. The model reads at most "
+                                   "`context` tokens and a key/value cache cannot slide, so generation stops, with a "
+                                   "message on stderr, when the sequence fills the context.")
+    s.error = _one_line_error  # a bad option is one line, like every other error here
+    s.add_argument("--checkpoint", default=None,
+                   help="checkpoint to take the parameters from (on the artifact folder it records, or --artifacts)")
+    s.add_argument("--artifacts", default=None, help="artifact folder (its initial weights unless --checkpoint)")
+    s.add_argument("--prompt", required=True, help="text to continue")
+    s.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    s.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
+    s.add_argument("--top-k", type=int, default=50, help="keep the k most probable tokens; 0: off (default 50)")
+    s.add_argument("--top-p", type=float, default=1.0,
+                   help="keep the most probable tokens whose probabilities reach p; 1: off (default 1.0)")
+    s.add_argument("--seed", type=int, default=1, help="sampling seed (default 1)")
+    s.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+
+    e = sub.add_parser("export", help="write weights as a Hugging Face GPT-2 folder (transformers' from_pretrained)")
+    e.error = _one_line_error
+    e.add_argument("--hf", default=None, metavar="DIR", help="folder to write (new, empty, or an earlier export)")
+    e.add_argument("--checkpoint", default=None, help="export a checkpoint's parameters")
+    e.add_argument("--artifacts", default=None,
+                   help="artifact folder: its initial weights when alone; the folder of --weights or --checkpoint")
+    e.add_argument("--weights", default=None, help="export a weights file (e.g. runs/NAME/weights.safetensors)")
+    e.add_argument("--force", action="store_true", help="replace an earlier export even if it holds other files")
     return p
+
+
+def _one_line_error(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _sample(a) -> int:
+    from .sample import SampleOptions, sample
+
+    opts = SampleOptions(checkpoint=a.checkpoint, artifacts=a.artifacts, prompt=a.prompt,
+                         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                         top_p=a.top_p, seed=a.seed, threads=a.threads)
+    import_onnxruntime()
+    try:
+        sample(opts)
+    except GPT2OnnxError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    if sys.stdout.isatty():
+        print()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    if a.command == "sample":
+        return _sample(a)
+    if a.command == "export":
+        from .export import main as export_main
+
+        return export_main(a)
     opts = TrainOptions(
         artifacts=a.artifacts, runtime=a.runtime, device=a.device, steps=a.steps, batch=a.batch, seq=a.seq,
         lr=a.lr, min_lr=a.min_lr, warmup=a.warmup, seed=a.seed, data=a.data, out=a.out,

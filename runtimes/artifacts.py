@@ -21,6 +21,7 @@ from contract import MANIFEST_FORMAT  # noqa: F401  (re-exported for callers of 
 from contract.files import sha256_file  # noqa: F401
 from contract.jsonlimits import loads_limited
 from contract.manifest import artifact_folder_holding, check_structure, describe_io, read_manifest  # noqa: F401
+from contract.manifest import tokenizer_of
 
 from .errors import ArtifactError
 
@@ -46,6 +47,11 @@ class Artifacts:
     def label_mode(self) -> str:
         return self.config["labels"]
 
+    @property
+    def tokenizer(self) -> dict:
+        """The manifest's tokenizer entry (``{"kind": "bytes", ...}`` where it records none)."""
+        return tokenizer_of(self.manifest)
+
     def path(self, name: str) -> Path:
         if name not in self.manifest["files"]:
             raise ArtifactError(f"{self.folder}: manifest.json lists no file {name!r} (artifacts from another version?)")
@@ -63,9 +69,14 @@ class Artifacts:
 
         The training set's clipping threshold is left out: it decides how the
         optimizer treats gradients, not which model the parameters belong to, so a
-        checkpoint resumes on a folder rebuilt with another threshold."""
+        checkpoint resumes on a folder rebuilt with another threshold. A tokenizer
+        other than bytes is part of the model (an id means what it says), so it is
+        in; byte folders keep the fingerprint they had before tokenizers were recorded."""
         config = {k: v for k, v in self.config.items() if k != "clip"}
-        key = json.dumps([config, self.manifest["parameters"]], sort_keys=True)
+        parts = [config, self.manifest["parameters"]]
+        if self.tokenizer["kind"] != "bytes":
+            parts.append(self.tokenizer["sha256"])
+        key = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def initial_weights(self) -> dict[str, np.ndarray]:
@@ -133,7 +144,7 @@ def _external_tensors(graph, where: str):
                 yield from _external_tensors(sub, f"{where} (subgraph of node {node.name!r})")
 
 
-def check_models(art: "Artifacts") -> None:
+def check_models(art: "Artifacts", only: tuple[str, ...] | None = None) -> None:
     """Each model the manifest lists is self-contained and has the inputs and outputs it records.
 
     No model of this project stores data outside its .onnx file, so any external
@@ -142,12 +153,15 @@ def check_models(art: "Artifacts") -> None:
     The inputs and outputs (names, dtypes, ranks) must be the manifest's, and a
     ``labels`` input must have the dtype the config's label mode implies, so a
     model swapped in from another build fails here and not at the first step.
-    Runs before any session is created.
+    Runs before any session is created. ``only``: check just these models (a
+    caller that opens one model need not parse the others, hundreds of MB on gpt2).
     """
     import onnx
 
     labels_dtype = {"index": "int64", "dense": "float32"}[art.config["labels"]]
     for name, recorded in art.manifest["models"].items():
+        if only is not None and name not in only:
+            continue
         path = art.path(name)
         try:
             model = onnx.load(str(path), load_external_data=False)

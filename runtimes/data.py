@@ -105,6 +105,7 @@ def decode(ids: Any) -> str:
 class ByteTokenizer:
     """The byte tokenizer as an object, for code that wants one."""
 
+    kind = "bytes"
     vocab_size = VOCAB_SIZE
 
     def encode(self, text: Union[str, bytes], dtype: Any = np.uint8) -> np.ndarray:
@@ -342,8 +343,11 @@ class BatchSampler:
         if self._fingerprint is None:
             arr = self.tokens
             fits = arr.size == 0 or int(arr.max()) < 256
-            raw = np.ascontiguousarray(arr, dtype=np.uint8 if fits else np.int64)
-            self._fingerprint = f"{'u8' if fits else 'i64'}:{self.n_tokens}:{zlib.crc32(memoryview(raw)):08x}"
+            crc, step = 0, 1 << 22  # in slices: a memory-mapped corpus is never copied whole as int64
+            for i in range(0, arr.shape[0], step):
+                raw = np.ascontiguousarray(arr[i:i + step], dtype=np.uint8 if fits else np.int64)
+                crc = zlib.crc32(memoryview(raw), crc)
+            self._fingerprint = f"{'u8' if fits else 'i64'}:{self.n_tokens}:{crc:08x}"
         return self._fingerprint
 
     def state_dict(self) -> dict[str, Any]:

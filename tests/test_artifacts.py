@@ -16,7 +16,7 @@ from runtimes.artifacts import load_artifacts
 from runtimes.errors import ArtifactError
 
 EXPECTED = {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint",
-            "forward.onnx", "weights.safetensors", "manifest.json"}
+            "forward.onnx", "decoder.onnx", "weights.safetensors", "manifest.json"}
 
 
 def test_folder_contents_and_hashes(tiny_index):

@@ -96,7 +96,7 @@ def test_manifest_base_is_what_the_builder_writes(tmp_path):
     assert set(built["files"]) == set(base["files"]) and set(built["models"]) == set(base["models"])
     # onnxruntime-training numbers some optimizer-model names with a process-wide counter: the
     # models this project spells are compared whole
-    for model in ("train_step.onnx", "forward.onnx", "eval_model.onnx"):
+    for model in ("train_step.onnx", "forward.onnx", "decoder.onnx", "eval_model.onnx"):
         assert built["models"][model] == base["models"][model], f"manifest_base.json: models[{model!r}] is stale"
 
 

@@ -118,13 +118,13 @@ def test_build_out_in_an_unwritable_folder(tmp_path, monkeypatch, capsys):
     """As a user without write permission sees it (simulated: the tests may run as root)."""
     import errno
 
+    from contract import outfolder
     from graphgen import __main__ as build_cli
-    from graphgen import artifacts
 
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    monkeypatch.setattr(artifacts.tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(outfolder.tempfile, "mkdtemp", denied)
     assert build_cli.main(["build", "--config", "tiny", "--out", str(tmp_path / "ro" / "art")]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and "Permission denied" in err[0], err

@@ -1,0 +1,169 @@
+"""``python -m runtimes export --hf DIR``: weights of this project as a Hugging Face GPT-2 folder.
+
+The weights come from a checkpoint (``--checkpoint``; its artifact folder is
+the one it records, or ``--artifacts``), from an artifact folder's initial
+weights (``--artifacts`` alone), or from a weights file such as a run's
+``weights.safetensors`` (``--weights`` with ``--artifacts``). DIR receives:
+
+- ``config.json``: GPT-2 with this project's shape and math (tanh GELU,
+  LayerNorm epsilon 1e-5, tied output layer);
+- ``model.safetensors``: Hugging Face's names and Conv1D layout, c_attn fused,
+  ``lm_head.weight`` left out as Hugging Face saves tied weights
+  (contract/hf_layout.py);
+- ``generation_config.json``;
+- ``tokenizer.json`` when the artifact folder has a Hugging Face tokenizer (a
+  byte folder has none to give: token ids are UTF-8 bytes);
+- ``gpt2-onnx-export.json``, which marks the folder as an export and lists its
+  files, so that a later export may replace it.
+
+``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` then computes this
+project's logits. DIR is written in a temporary sibling and swapped in; it must
+be new, empty, or an earlier export (contract/outfolder.py), and never inside an
+artifact folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from contract import HF_EXPORT_FORMAT, HF_EXPORT_MARKER
+from contract.files import refuse_artifact_folder, sha256_file
+from contract.hf_layout import to_hf
+from contract.outfolder import FolderKind, check_out_folder, make_temp_sibling, swap_in
+
+from .artifacts import Artifacts, check_weights, load_artifacts
+from .checkpoint import load_checkpoint
+from .errors import CheckpointError, InputError, OutputError
+from .tokenizer import load_tokenizer
+
+EXPORT_FOLDER = FolderKind(marker=HF_EXPORT_MARKER, format=HF_EXPORT_FORMAT, noun="an earlier export",
+                           option="--hf", verb="write")
+END_OF_TEXT = "<|endoftext|>"
+
+
+def _weights_file(path: Path, art: Artifacts) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise InputError(f"--weights {path} does not exist")
+    try:
+        weights = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise InputError(f"--weights {path} is not a readable safetensors file: {' '.join(str(e).split())}") from None
+    check_weights(weights, art, f"--weights {path}", error=InputError)
+    return weights
+
+
+def source_weights(checkpoint=None, artifacts=None, weights=None) -> tuple[Artifacts, dict[str, np.ndarray], dict]:
+    """(artifact folder, parameters in manifest order, a description of where they came from)."""
+    if checkpoint is not None and weights is not None:
+        raise InputError("give --checkpoint or --weights, not both")
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        art = load_artifacts(artifacts or ckpt.artifacts)
+        if ckpt.fingerprint != art.fingerprint:
+            raise CheckpointError(
+                f"{checkpoint} was written for another model (fingerprint {ckpt.fingerprint}) than the artifacts in "
+                f"{art.folder} ({art.fingerprint})"
+            )
+        check_weights(ckpt.params, art, str(checkpoint), error=CheckpointError)
+        params, origin = ckpt.params, {"checkpoint": str(Path(checkpoint).resolve()), "step": ckpt.step}
+    elif weights is not None:
+        if artifacts is None:
+            raise InputError("--weights needs --artifacts: the artifact folder the weights belong to")
+        art = load_artifacts(artifacts)
+        params, origin = _weights_file(Path(weights), art), {"weights": str(Path(weights).resolve())}
+    elif artifacts is not None:
+        art = load_artifacts(artifacts)
+        params, origin = art.initial_weights(), {"initial_weights": True}
+    else:
+        raise InputError("give what to export: --checkpoint CKPT, --artifacts ART, or --weights FILE --artifacts ART")
+    for name in art.param_names:
+        if not np.isfinite(params[name]).all():
+            raise InputError(f"parameter {name!r} holds NaN or infinite values; it cannot be exported")
+    origin["artifacts"] = str(art.folder.resolve())
+    return art, {n: params[n] for n in art.param_names}, origin
+
+
+def hf_config(cfg: dict, bos: int | None, eos: int | None) -> dict:
+    """config.json of GPT2LMHeadModel computing this project's model."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg["vocab"],
+        "n_positions": cfg["context"],
+        "n_embd": cfg["d_model"],
+        "n_layer": cfg["n_layers"],
+        "n_head": cfg["n_heads"],
+        "n_inner": None if cfg["d_ff"] == 4 * cfg["d_model"] else cfg["d_ff"],  # null: 4 n_embd, as GPT-2's own
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-05,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "dtype": "float32",
+    }
+
+
+def export_hf(out: str | Path, checkpoint=None, artifacts=None, weights=None, force: bool = False,
+              log=print) -> dict:
+    """Write the Hugging Face folder ``out``; returns {file name: sha256} of what was written."""
+    out = Path(os.path.abspath(out))
+    refuse_artifact_folder(out, "--hf")
+    check_out_folder(out, EXPORT_FOLDER, force)
+    art, params, origin = source_weights(checkpoint, artifacts, weights)
+    tok = load_tokenizer(art)
+    end = None if tok.kind == "bytes" else tok.token_to_id(END_OF_TEXT)  # GPT-2's bos and eos
+    from safetensors.numpy import save_file
+
+    tmp = make_temp_sibling(out, EXPORT_FOLDER)
+    try:
+        save_file(to_hf(params, art.config), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config(art.config, end, end), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"_from_model_config": True, "bos_token_id": end, "eos_token_id": end}, indent=2) + "\n")
+        if tok.kind != "bytes":
+            shutil.copyfile(tok.path, tmp / "tokenizer.json")
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        marker = {"format": HF_EXPORT_FORMAT, "files": files, "from": origin}
+        (tmp / HF_EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        for p in tmp.iterdir():
+            p.chmod(0o644)
+        swap_in(tmp, out, EXPORT_FOLDER, force)
+    except OSError as e:
+        raise OutputError(f"could not write the export {out}: {e.strerror or e}; {out} is as it was") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {out}: {', '.join(sorted(files))} ({sum(p.size for p in params.values()):,} parameters"
+        + (f", from step {origin['step']})" if "step" in origin else ")"))
+    if tok.kind == "bytes":
+        log(f"no tokenizer written: {art.folder} is byte-level (token ids are the UTF-8 bytes of the text), "
+            f"which no Hugging Face tokenizer file describes")
+    return files
+
+
+def main(args) -> int:
+    """The ``export`` subcommand; exit status 2 with one line for every bad input."""
+    import sys
+
+    from .errors import GPT2OnnxError
+
+    if not args.hf:
+        print("error: --hf DIR is required: the folder to write", file=sys.stderr)
+        return 2
+    try:
+        export_hf(args.hf, checkpoint=args.checkpoint, artifacts=args.artifacts, weights=args.weights,
+                  force=args.force)
+    except GPT2OnnxError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    return 0
