@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from contract import BYTES_VOCAB_SIZE, TOKENIZER_FILE
+from contract.files import sha256_file
 from contract.hf_layout import LM_HEAD, MASK_BUFFERS, PREFIX, from_hf, hf_shapes
 from contract.jsonlimits import loads_limited
 
@@ -58,14 +59,6 @@ class Imported:
     files: dict[str, bytes]  # copied into the artifact folder (the tokenizer)
     source: dict  # the manifest's "source"
     tokenizer: dict  # the manifest's "tokenizer"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- config.json
@@ -311,5 +304,5 @@ def import_hf(folder: str | Path, **options) -> Imported:
     else:
         entry, files, tok_read = tok
         read += tok_read
-    source = {"kind": "huggingface", "files": {p.name: _sha256(p) for p in read}}
+    source = {"kind": "huggingface", "files": {p.name: sha256_file(p) for p in read}}
     return Imported(config=cfg, weights=weights, files=files, source=source, tokenizer=entry)

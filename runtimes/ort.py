@@ -54,14 +54,15 @@ def _shared_cpu_arena(ort) -> bool:
     return _ENV_ARENA[0]
 
 
-def session_options(threads: int | None):
+def session_options(threads: int | None, shared_arena: bool = True):
     """The options measured to matter on CPU (docs/dependencies.md): denormals flushed
     (the masked softmax's exp produces them), arena and memory pattern on,
     sequential execution, all graph optimisations; the arena grows by what is
-    requested rather than in powers of two (see _shared_cpu_arena)."""
+    requested rather than in powers of two (see _shared_cpu_arena) unless
+    ``shared_arena`` is False."""
     ort = import_onnxruntime()
     so = ort.SessionOptions()
-    if _shared_cpu_arena(ort):
+    if shared_arena and _shared_cpu_arena(ort):
         so.add_session_config_entry("session.use_env_allocators", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

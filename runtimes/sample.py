@@ -155,15 +155,9 @@ def session_options(threads: int | None):
     without its shared arena that grows by what is requested: that suits a train step's
     fixed shapes, but every decode step asks for caches one position longer, and with it
     the 1000th token of a run on small took 5 ms instead of 1."""
-    ort = import_onnxruntime()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.set_denormal_as_zero", "1")
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return so
+    from .ort import session_options as ort_options
+
+    return ort_options(threads, shared_arena=False)
 
 
 class Decoder:
