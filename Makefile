@@ -56,8 +56,16 @@ $(WEBSTAMP): hosts/web/package-lock.json
 web: artifacts/tiny/manifest.json $(WEBSTAMP)
 	node hosts/web/serve.mjs --artifacts artifacts --port $(WEBPORT)
 
+TJSSTAMP := tests/transformersjs/node_modules/.installed
+
+# transformers.js for tests/test_transformersjs.py; no install scripts: onnxruntime-node ships its CPU
+# binaries and sharp takes its own from the @img/* packages.
+$(TJSSTAMP): tests/transformersjs/package-lock.json
+	cd tests/transformersjs && npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
 # Debian's chromium for the headless browser test, and clang for tinygrad's CPU backend (each only if missing).
-test: $(STAMP) $(ORTSTAMP) $(ENGSTAMP) $(WEBSTAMP)
+test: $(STAMP) $(ORTSTAMP) $(ENGSTAMP) $(WEBSTAMP) $(TJSSTAMP)
 	sh scripts/install_debian.sh /usr/bin/chromium chromium fonts-dejavu-core
 	sh scripts/install_debian.sh clang clang
 	$(VPY) -m pytest -q

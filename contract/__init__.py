@@ -48,6 +48,11 @@ HF_EXPORT_FORMAT: str = CONSTANTS["hf_export"]["format"]
 KV_KINDS: tuple[str, ...] = tuple(CONSTANTS["kv_cache"]["kinds"])
 
 
+def grad_name(p: str) -> str:
+    """grad_step output and apply_step input holding d loss / d parameter ``p``."""
+    return _NAMES["grad"].format(p=p)
+
+
 def m_name(p: str) -> str:
     """train_step input holding AdamW's first moment of parameter ``p``."""
     return _NAMES["m"].format(p=p)

@@ -38,7 +38,7 @@ from .decoder import build_decoder
 from .init import init_weights
 from .model import build_forward_logits, build_forward_loss
 from .ort_training_set import write_training_set
-from .train_step import build_train_step
+from .train_step import build_apply_step, build_grad_step, build_train_step
 
 
 
@@ -110,6 +110,10 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
 
         _save(build_train_step(build_forward_loss(cfg), list(weights)), tmp / "train_step.onnx")
         log(f"train_step.onnx ({time.perf_counter() - t0:.1f}s)")
+
+        _save(build_grad_step(build_forward_loss(cfg), list(weights)), tmp / "grad_step.onnx")
+        _save(build_apply_step(build_forward_loss(cfg), list(weights)), tmp / "apply_step.onnx")
+        log(f"grad_step.onnx, apply_step.onnx ({time.perf_counter() - t0:.1f}s)")
 
         write_training_set(build_forward_loss(cfg, gelu="expanded"), weights, cfg, tmp)
         log(f"ONNX Runtime training set ({time.perf_counter() - t0:.1f}s)")

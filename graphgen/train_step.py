@@ -6,6 +6,16 @@
 ``clip`` is the global gradient-norm threshold (0 or inf: off) and ``grad_norm`` the
 norm before clipping (see adamw.py).
 
+The same step split in two, for gradient accumulation (the caller averages the
+gradients of several micro-batches between them):
+
+    grad_step.onnx : <p>..., tokens, positions, labels -> loss, grad.<p>...
+    apply_step.onnx: <p>..., m.<p>..., v.<p>..., grad.<p>..., hp, clip
+                     -> grad_norm, new.<p>..., new.m.<p>..., new.v.<p>...
+
+apply_step holds the nodes of train_step's AdamW (adamw_nodes), so one apply on
+train_step's own gradients is train_step's update.
+
 The forward model (opset >= 16, default domain only) takes ``tokens``, ``positions``,
 ``labels`` and every parameter as graph inputs and outputs the scalar ``loss``.
 """
@@ -17,8 +27,8 @@ import copy
 import onnx
 from onnx import TensorProto, helper
 
-from contract import (BATCH_INPUTS, CLIP_INPUT, GRAD_NORM_OUTPUT, HP_INPUT, HP_LAYOUT, IR_VERSION, m_name, new_m_name,
-                      new_name, new_v_name, v_name)
+from contract import (BATCH_INPUTS, CLIP_INPUT, GRAD_NORM_OUTPUT, HP_INPUT, HP_LAYOUT, IR_VERSION, grad_name, m_name,
+                      new_m_name, new_name, new_v_name, v_name)
 from graphgen.adamw import AdamWSlot, adamw_nodes
 from graphgen.autodiff import AutodiffError, add_gradients
 
@@ -64,12 +74,12 @@ def build_grad_model(forward: onnx.ModelProto, param_names: list[str]) -> onnx.M
     Parameters may be float32 or float64 (float64 is for finite-difference tests)."""
     model = _check_forward(forward, param_names, float32=False)
     g = model.graph
-    add_gradients(model, "loss", list(param_names), grad_names={p: f"grad.{p}" for p in param_names})
+    add_gradients(model, "loss", list(param_names), grad_names={p: grad_name(p) for p in param_names})
     inputs = {i.name: i for i in g.input}
     loss_vi = copy.deepcopy(g.output[0])
     del g.output[:]
     g.output.append(loss_vi)
-    g.output.extend(_value_info(inputs[p], f"grad.{p}") for p in param_names)
+    g.output.extend(_value_info(inputs[p], grad_name(p)) for p in param_names)
     model.ir_version = IR_VERSION
     return model
 
@@ -109,4 +119,38 @@ def build_train_step(forward: onnx.ModelProto, param_names: list[str], validate:
     model.ir_version = IR_VERSION
     if validate:
         onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def build_grad_step(forward: onnx.ModelProto, param_names: list[str]) -> onnx.ModelProto:
+    """``grad_step.onnx``: float32 parameters, then the batch -> ``loss``, ``grad.<p>``."""
+    _check_forward(forward, param_names)  # float32 only, as train_step
+    model = build_grad_model(forward, param_names)
+    g = model.graph
+    inputs = {i.name: copy.deepcopy(i) for i in g.input}
+    del g.input[:]
+    g.input.extend(inputs[p] for p in param_names)
+    g.input.extend(inputs[n] for n in DATA_INPUTS)
+    g.name = (g.name or "gpt2") + "_grad_step"
+    return model
+
+
+def build_apply_step(forward: onnx.ModelProto, param_names: list[str]) -> onnx.ModelProto:
+    """``apply_step.onnx``: train_step's clipping and AdamW on gradients given as inputs.
+    ``forward`` supplies the parameters' shapes and the opset."""
+    fwd = _check_forward(forward, param_names)
+    params = {i.name: i for i in fwd.graph.input if i.name in param_names}
+    param_names = list(param_names)
+    slots = [AdamWSlot(p, grad_name(p), m_name(p), v_name(p), new_name(p), new_m_name(p), new_v_name(p))
+             for p in param_names]
+    nodes, inits = adamw_nodes(slots, hp=HP_INPUT, clip=CLIP_INPUT, grad_norm=GRAD_NORM_OUTPUT)
+    inputs = [_value_info(params[p], name(p)) for name in (str, m_name, v_name, grad_name) for p in param_names]
+    inputs.append(helper.make_tensor_value_info(HP_INPUT, TensorProto.FLOAT, [len(HP_LAYOUT)]))
+    inputs.append(helper.make_tensor_value_info(CLIP_INPUT, TensorProto.FLOAT, []))
+    outputs = [helper.make_tensor_value_info(GRAD_NORM_OUTPUT, TensorProto.FLOAT, [])]
+    outputs += [_value_info(params[p], name(p)) for name in (new_name, new_m_name, new_v_name) for p in param_names]
+    graph = helper.make_graph(nodes, (fwd.graph.name or "gpt2") + "_apply_step", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[o for o in fwd.opset_import if o.domain in ("", "ai.onnx")],
+                              producer_name=fwd.producer_name)
+    model.ir_version = IR_VERSION
     return model

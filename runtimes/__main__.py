@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--clip", type=float, default=None,
                    help=f"clip the global gradient norm to this before AdamW; 0: off (default {DEFAULT_CLIP:g}; "
                         "ort-training: the threshold its artifacts were built with)")
+    t.add_argument("--accumulate", type=int, default=_D.accumulate, metavar="K",
+                   help="split each batch into K equal micro-batches whose gradients are averaged before one update "
+                        "(grad_step.onnx + apply_step.onnx; --batch must be divisible by K; default 1: train_step.onnx)")
     t.add_argument("--seed", type=int, default=_D.seed, help="data sampler seed")
     t.add_argument("--data", default=None, help="text file or folder (default: the Python standard library's sources)")
     t.add_argument("--out", default=_D.out, help=f"run folder (default {_D.out})")
@@ -67,9 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1, help="sampling seed (default 1)")
     s.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
 
-    e = sub.add_parser("export", help="write weights as a Hugging Face GPT-2 folder (transformers' from_pretrained)")
+    e = sub.add_parser("export", help="write weights as a Hugging Face GPT-2 folder (transformers' from_pretrained, "
+                                      "or transformers.js with --onnx)")
     e.error = _one_line_error
     e.add_argument("--hf", default=None, metavar="DIR", help="folder to write (new, empty, or an earlier export)")
+    e.add_argument("--onnx", default=None, metavar="DIR",
+                   help="write a transformers.js folder instead: onnx/model.onnx with the weights, config, tokenizer")
     e.add_argument("--checkpoint", default=None, help="export a checkpoint's parameters")
     e.add_argument("--artifacts", default=None,
                    help="artifact folder: its initial weights when alone; the folder of --weights or --checkpoint")
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=a.lr, min_lr=a.min_lr, warmup=a.warmup, seed=a.seed, data=a.data, out=a.out,
         eval_every=a.eval_every, eval_batches=a.eval_batches, checkpoint_every=a.checkpoint_every,
         threads=a.threads, sample_bytes=a.sample_bytes, resume=a.resume, progress=not a.no_progress,
-        stop_after=a.stop_after, clip=a.clip,
+        stop_after=a.stop_after, clip=a.clip, accumulate=a.accumulate,
     )
     import_onnxruntime()  # before train() loads a runtime: skips the training wheel's torch import
     try:

@@ -49,6 +49,7 @@ class Runtime:
 
     name = ""
     needs: tuple[str, ...] = ()  # artifact files this backend opens
+    accumulates = False  # implements _step_accumulated (grad_step.onnx + apply_step.onnx)
 
     def __init__(self, art: Artifacts, device: str = "cpu", threads: int | None = None):
         self.art = art
@@ -74,6 +75,43 @@ class Runtime:
         loss = self._guard_memory(tokens.shape, "step", self._step, tokens, positions, labels, hp, clip)
         self.step_count += 1
         return loss
+
+    def step_accumulated(self, micro_batches, hp, clip: float = 0.0) -> float:
+        """One update from several micro-batches (gradient accumulation); returns their mean loss.
+
+        ``micro_batches`` is a sequence of (tokens, positions, labels), all of the same
+        shapes: each goes through grad_step.onnx, the gradients are averaged, and one
+        apply_step.onnx applies clipping (to the averaged gradient's norm) and AdamW. With
+        equal shapes every micro-batch has the same number of tokens, so the mean of their
+        mean losses is the mean loss of the concatenated batch and the averaged gradient
+        is its gradient: the update is ``step`` on the concatenation, up to float rounding.
+        Raises InputError for no micro-batches, unequal shapes, or a backend without it."""
+        batches = [self._batch(*mb) for mb in self._micro_batches(micro_batches)]
+        shapes = {(t.shape, l.shape) for t, _, l in batches}
+        if len(shapes) > 1:
+            raise InputError(
+                f"micro-batches must all have the same shapes (equal token counts keep the average of their "
+                f"mean losses the batch's mean loss); got tokens/labels shapes {sorted(shapes)}")
+        if not self.accumulates:
+            raise InputError(f"runtime {self.name!r} has no gradient accumulation (its optimizer runs inside one "
+                             f"training graph); use --runtime ort")
+        hp = check_hp(hp, self.step_count + 1)
+        clip = check_clip(clip)
+        self._check_hp_supported(hp, clip)
+        shape = (sum(t.shape[0] for t, _, _ in batches), batches[0][0].shape[1])
+        loss = self._guard_memory(shape, "accumulated step", self._step_accumulated, batches, hp, clip)
+        self.step_count += 1
+        return loss
+
+    @staticmethod
+    def _micro_batches(micro_batches) -> list:
+        try:
+            batches = [tuple(mb) for mb in micro_batches]
+        except TypeError:
+            raise InputError("micro_batches must be a sequence of (tokens, positions, labels)") from None
+        if not batches or any(len(mb) != 3 for mb in batches):
+            raise InputError("micro_batches must be a non-empty sequence of (tokens, positions, labels)")
+        return batches
 
     def loss(self, tokens, positions, labels) -> float:
         """Mean loss of a batch under the current parameters; no update."""
@@ -148,6 +186,11 @@ class Runtime:
         """One update; sets ``self.last_grad_norm``."""
         raise NotImplementedError
 
+    def _step_accumulated(self, batches, hp, clip) -> float:
+        """One update from checked, equally shaped micro-batches; sets ``self.last_grad_norm``
+        (of the averaged gradient) and returns the mean of their losses."""
+        raise NotImplementedError
+
     def _loss(self, tokens, positions, labels) -> float:
         raise NotImplementedError
 
@@ -187,6 +230,25 @@ class Runtime:
         tokens, positions = check_tokens(tokens, positions, cfg["vocab"], cfg["context"])
         labels = check_labels(labels, tokens.shape, cfg["vocab"], cfg["labels"])
         return tokens, positions, labels
+
+
+def mean_gradients(per_batch) -> tuple[float, dict[str, np.ndarray]]:
+    """(mean loss, mean gradient) of an iterable of (loss, {param: float32 gradient}).
+
+    Summed in float32 in micro-batch order, then divided by the count (exact for a
+    power of two), on the CPU in NumPy."""
+    losses, acc = [], None
+    for loss, grads in per_batch:
+        losses.append(float(loss))
+        if acc is None:
+            acc = {n: np.array(g, dtype=np.float32, copy=True) for n, g in grads.items()}
+        else:
+            for n, g in grads.items():
+                acc[n] += g
+    k = np.float32(len(losses))
+    for g in acc.values():
+        np.divide(g, k, out=g)
+    return float(np.mean(losses)), acc
 
 
 def _runtime_class(name: str) -> type[Runtime]:

@@ -17,7 +17,23 @@ weights (``--artifacts`` alone), or from a weights file such as a run's
   files, so that a later export may replace it.
 
 ``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` then computes this
-project's logits. DIR is written in a temporary sibling and swapped in; it must
+project's logits.
+
+``--onnx DIR`` instead writes the folder transformers.js
+(``@huggingface/transformers`` v3) loads from disk for its text-generation
+pipeline: ``config.json``, ``generation_config.json``, ``tokenizer.json`` with
+``tokenizer_config.json``, and ``onnx/model.onnx``: the artifact folder's
+decoder.onnx with the weights baked in as initializers and the inputs and
+outputs renamed to the ones transformers.js feeds a GPT-2 decoder
+(``input_ids``, ``attention_mask``, ``position_ids``,
+``past_key_values.<l>.key/value`` -> ``logits``, ``present.<l>.key/value``).
+``attention_mask`` is accepted and not read: the decoder's causal mask is all
+there is, so only unpadded sequences (one prompt, or prompts of one length) are
+generated correctly. A byte folder gets a byte-level ``tokenizer.json`` whose
+ids 0..255 are the raw bytes, so the prompt encodes to the ids this project's
+sampler feeds.
+
+Either DIR is written in a temporary sibling and swapped in; it must
 be new, empty, or an earlier export (contract/outfolder.py), and never inside an
 artifact folder.
 """
@@ -38,12 +54,17 @@ from contract.outfolder import FolderKind, check_out_folder, make_temp_sibling, 
 
 from .artifacts import Artifacts, check_weights, load_artifacts
 from .checkpoint import load_checkpoint
-from .errors import CheckpointError, InputError, OutputError
+from .errors import ArtifactError, CheckpointError, InputError, OutputError
 from .tokenizer import load_tokenizer
 
 EXPORT_FOLDER = FolderKind(marker=HF_EXPORT_MARKER, format=HF_EXPORT_FORMAT, noun="an earlier export",
                            option="--hf", verb="write")
+ONNX_EXPORT_FOLDER = FolderKind(marker=HF_EXPORT_MARKER, format=HF_EXPORT_FORMAT, noun="an earlier export",
+                                option="--onnx", verb="write")
 END_OF_TEXT = "<|endoftext|>"
+DECODER = "decoder.onnx"
+TJS_MODEL = "onnx/model.onnx"  # transformers.js's file for a decoder-only model at dtype fp32
+PROTOBUF_LIMIT = 2**31 - 2**24  # an ONNX file with its weights inside must stay under 2 GiB; some room for the graph
 
 
 def _weights_file(path: Path, art: Artifacts) -> dict[str, np.ndarray]:
@@ -151,18 +172,136 @@ def export_hf(out: str | Path, checkpoint=None, artifacts=None, weights=None, fo
     return files
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet of a byte-level tokenizer.json."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def byte_tokenizer_json() -> str:
+    """tokenizer.json whose id of every byte is the byte itself: a BPE without merges over
+    GPT-2's byte alphabet, no regex split, so any text encodes to its UTF-8 bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok.to_str()
+
+
+def transformersjs_model(art: Artifacts, params: dict[str, np.ndarray]):
+    """decoder.onnx as transformers.js runs a GPT-2: weights as initializers, its input and output names."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from contract import KV_KINDS, past_name, present_name
+
+    path = art.path(DECODER)
+    if not path.is_file():
+        raise ArtifactError(f"{art.folder} has no {DECODER}; rebuild the artifacts (python -m graphgen build)")
+    size = sum(p.nbytes for p in params.values())
+    if size > PROTOBUF_LIMIT:
+        raise InputError(f"the weights take {size:,} bytes; onnx/model.onnx holds them inside and cannot exceed 2 GiB")
+    model = onnx.load(str(path))
+    g = model.graph
+    rename = {"tokens": "input_ids", "positions": "position_ids"}
+    for layer in range(art.config["n_layers"]):
+        for kind in KV_KINDS:
+            rename[past_name(layer, kind)] = f"past_key_values.{layer}.{kind}"
+            rename[present_name(layer, kind)] = f"present.{layer}.{kind}"
+    for node in g.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.output[:] = [rename.get(n, n) for n in node.output]
+    for v in (*g.input, *g.output, *g.value_info):
+        v.name = rename.get(v.name, v.name)
+    names = set(art.param_names)
+    inputs = [v for v in g.input if v.name not in names]
+    # transformers.js always feeds it; the total length is the past's plus the new tokens'
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "past+seq"])
+    del g.input[:]
+    g.input.extend([inputs[0], mask, *inputs[1:]])
+    g.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(params[n], np.float32), n)
+                         for n in art.param_names)
+    return model
+
+
+def tokenizer_config(tok_kind: str, context: int) -> dict:
+    """tokenizer_config.json: GPT-2's class; decoded text left as the tokenizer gives it."""
+    special = {} if tok_kind == "bytes" else {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT,
+                                              "unk_token": END_OF_TEXT}
+    return {"tokenizer_class": "GPT2Tokenizer", "model_max_length": context, "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False, **special}
+
+
+def export_onnx(out: str | Path, checkpoint=None, artifacts=None, weights=None, force: bool = False,
+                log=print) -> dict:
+    """Write the transformers.js folder ``out``; returns {name: sha256, "onnx": {name: sha256}}."""
+    import onnx
+
+    out = Path(os.path.abspath(out))
+    refuse_artifact_folder(out, "--onnx")
+    check_out_folder(out, ONNX_EXPORT_FOLDER, force)
+    art, params, origin = source_weights(checkpoint, artifacts, weights)
+    tok = load_tokenizer(art)
+    end = None if tok.kind == "bytes" else tok.token_to_id(END_OF_TEXT)
+    model = transformersjs_model(art, params)
+    tmp = make_temp_sibling(out, ONNX_EXPORT_FOLDER)
+    try:
+        config = hf_config(art.config, end, end)
+        config["use_cache"] = True
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"bos_token_id": end, "eos_token_id": end}, indent=2) + "\n")
+        if tok.kind == "bytes":
+            (tmp / "tokenizer.json").write_text(byte_tokenizer_json())
+        else:
+            shutil.copyfile(tok.path, tmp / "tokenizer.json")
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps(tokenizer_config(tok.kind, art.config["context"]), indent=2) + "\n")
+        (tmp / "onnx").mkdir(mode=0o755)
+        onnx.save(model, str(tmp / TJS_MODEL))
+        files: dict = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files["onnx"] = {p.name: sha256_file(p) for p in sorted((tmp / "onnx").iterdir())}
+        marker = {"format": HF_EXPORT_FORMAT, "files": files, "from": origin}
+        (tmp / HF_EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                p.chmod(0o644)
+        swap_in(tmp, out, ONNX_EXPORT_FOLDER, force)
+    except OSError as e:
+        raise OutputError(f"could not write the export {out}: {e.strerror or e}; {out} is as it was") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {out}: {', '.join(sorted(n for n in files if n != 'onnx'))}, {TJS_MODEL} "
+        f"({sum(p.size for p in params.values()):,} parameters"
+        + (f", from step {origin['step']})" if "step" in origin else ")"))
+    if tok.kind == "bytes":
+        log(f"tokenizer.json is byte-level: {art.folder} reads UTF-8 bytes, token id = byte")
+    return files
+
+
 def main(args) -> int:
     """The ``export`` subcommand; exit status 2 with one line for every bad input."""
     import sys
 
     from .errors import GPT2OnnxError
 
-    if not args.hf:
-        print("error: --hf DIR is required: the folder to write", file=sys.stderr)
+    if bool(args.hf) == bool(args.onnx):
+        print("error: give one of --hf DIR (transformers) or --onnx DIR (transformers.js): the folder to write",
+              file=sys.stderr)
         return 2
+    export = export_hf if args.hf else export_onnx
     try:
-        export_hf(args.hf, checkpoint=args.checkpoint, artifacts=args.artifacts, weights=args.weights,
-                  force=args.force)
+        export(args.hf or args.onnx, checkpoint=args.checkpoint, artifacts=args.artifacts, weights=args.weights,
+               force=args.force)
     except GPT2OnnxError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2

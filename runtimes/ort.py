@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from contract import (BATCH_INPUTS, CLIP_INPUT, GRAD_NORM_OUTPUT, HP_INPUT, LOGITS_OUTPUT, LOSS_OUTPUT, m_name, new_m_name, new_name,
-                      new_v_name, v_name)
+from contract import (BATCH_INPUTS, CLIP_INPUT, GRAD_NORM_OUTPUT, HP_INPUT, LOGITS_OUTPUT, LOSS_OUTPUT, grad_name, m_name,
+                      new_m_name, new_name, new_v_name, v_name)
 
-from .base import Runtime
+from .base import Runtime, mean_gradients
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, RuntimeUnavailable, TrainingDiverged
 from .ort_env import import_onnxruntime
@@ -75,6 +75,7 @@ def session_options(threads: int | None, shared_arena: bool = True):
 
 class OrtRuntime(Runtime):
     name = "ort"
+    accumulates = True
     needs = ("train_step.onnx", "eval_model.onnx", "forward.onnx", "weights.safetensors")
 
     def __init__(self, art, device="cpu", threads=None):
@@ -177,13 +178,57 @@ class OrtRuntime(Runtime):
         self._run(tokens, positions, labels, hp, np.array(0.0, np.float32), moments_out=scratch)
         return {n: scratch[m_name(n)].numpy().copy() for n in self._names}
 
-    def _run_on_state(self, model: str, data: dict, output: str) -> np.ndarray:
-        """Run eval_model.onnx or forward.onnx on the parameters where they live (no host copy)."""
+    def _session(self, model: str):
+        """A session on another model of the folder, made on first use."""
         if model not in self._sessions:
             self._sessions[model] = self._ort.InferenceSession(
                 str(self.art.path(model)), session_options(self.threads), providers=self._providers
             )
-        sess = self._sessions[model]
+        return self._sessions[model]
+
+    def _micro_gradients(self, tokens, positions, labels) -> tuple[float, dict[str, np.ndarray]]:
+        """grad_step.onnx on the parameters where they live; loss and gradients come back to the CPU."""
+        sess = self._session("grad_step.onnx")
+        b = sess.io_binding()
+        for n in self._names:
+            b.bind_ortvalue_input(n, self._state[n])
+        for name, arr in zip(BATCH_INPUTS, (tokens, positions, labels)):
+            b.bind_cpu_input(name, arr)
+        for name in [LOSS_OUTPUT] + [grad_name(n) for n in self._names]:
+            b.bind_output(name, "cpu")
+        sess.run_with_iobinding(b)
+        loss, *grads = b.copy_outputs_to_cpu()
+        return float(loss), dict(zip(self._names, grads))
+
+    def _step_accumulated(self, batches, hp, clip) -> float:
+        # The gradient sum is kept in NumPy on the CPU (base.mean_gradients): one copy of
+        # each micro-batch's gradients to the host and of the mean back to the device.
+        self._check_moments()
+        loss, grads = mean_gradients(self._micro_gradients(*mb) for mb in batches)
+        if not np.isfinite(loss):  # known before any state is written: nothing is applied
+            raise TrainingDiverged(f"mean loss is {loss} at step {self.step_count + 1}; the update was not applied")
+        sess = self._session("apply_step.onnx")
+        b = sess.io_binding()
+        for name, value in self._state.items():
+            b.bind_ortvalue_input(name, value)
+        for n in self._names:
+            b.bind_cpu_input(grad_name(n), grads[n])
+        b.bind_cpu_input(HP_INPUT, hp)
+        b.bind_cpu_input(CLIP_INPUT, clip)
+        b.bind_ortvalue_output(GRAD_NORM_OUTPUT, self._norm_out)
+        for n in self._names:  # as in _run: parameters to the spare set, moments in place
+            b.bind_ortvalue_output(new_name(n), self._spare[n])
+            b.bind_ortvalue_output(new_m_name(n), self._state[m_name(n)])
+            b.bind_ortvalue_output(new_v_name(n), self._state[v_name(n)])
+        sess.run_with_iobinding(b)
+        self.last_grad_norm = float(self._norm_out.numpy())
+        for n in self._names:
+            self._state[n], self._spare[n] = self._spare[n], self._state[n]
+        return loss
+
+    def _run_on_state(self, model: str, data: dict, output: str) -> np.ndarray:
+        """Run eval_model.onnx or forward.onnx on the parameters where they live (no host copy)."""
+        sess = self._session(model)
         b = sess.io_binding()
         for n in self._names:
             b.bind_ortvalue_input(n, self._state[n])

@@ -1,4 +1,5 @@
-"""``reference``: onnx's own ReferenceEvaluator (NumPy) on train_step.onnx.
+"""``reference``: onnx's own ReferenceEvaluator (NumPy) on train_step.onnx (and, for
+gradient accumulation, grad_step.onnx and apply_step.onnx).
 
 Slow, and independent of ONNX Runtime's kernels: the parity suite uses it to
 show that what ONNX Runtime computes is what the ONNX graph means. State is a
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from contract import (BATCH_INPUTS, CLIP_INPUT, GRAD_NORM_OUTPUT, HP_INPUT, LOSS_OUTPUT, m_name, new_m_name, new_name,
-                      new_v_name, v_name)
+from contract import (BATCH_INPUTS, CLIP_INPUT, GRAD_NORM_OUTPUT, HP_INPUT, LOSS_OUTPUT, grad_name, m_name, new_m_name,
+                      new_name, new_v_name, v_name)
 
-from .base import Runtime
+from .base import Runtime, mean_gradients
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, TrainingDiverged
 
@@ -27,6 +28,7 @@ def evaluator(path: str):
 
 class ReferenceRuntime(Runtime):
     name = "reference"
+    accumulates = True
     needs = ("train_step.onnx", "eval_model.onnx", "forward.onnx", "weights.safetensors")
 
     def __init__(self, art, device="cpu", threads=None):
@@ -38,6 +40,7 @@ class ReferenceRuntime(Runtime):
         self._step_eval = evaluator(str(art.path("train_step.onnx")))
         self._loss_eval = None
         self._fwd_eval = None
+        self._split_evals = None  # (grad_step, apply_step), made on first use
         self._names = art.param_names
         self._params = art.initial_weights()
         self._m = {n: np.zeros_like(w) for n, w in self._params.items()}
@@ -54,6 +57,28 @@ class ReferenceRuntime(Runtime):
         self.last_grad_norm = float(out[GRAD_NORM_OUTPUT])
         if not np.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss} at step {self.step_count + 1}; the update was not applied")
+        self._params = {n: out[new_name(n)] for n in self._names}
+        self._m = {n: out[new_m_name(n)] for n in self._names}
+        self._v = {n: out[new_v_name(n)] for n in self._names}
+        return loss
+
+    def _step_accumulated(self, batches, hp, clip) -> float:
+        if self._split_evals is None:
+            self._split_evals = tuple(evaluator(str(self.art.path(m))) for m in ("grad_step.onnx", "apply_step.onnx"))
+        grad_eval, apply_eval = self._split_evals
+
+        def micro(tokens, positions, labels):
+            out = grad_eval.run(None, {**self._params, **dict(zip(BATCH_INPUTS, (tokens, positions, labels)))})
+            out = dict(zip(grad_eval.output_names, out))
+            return out[LOSS_OUTPUT], {n: out[grad_name(n)] for n in self._names}
+
+        loss, grads = mean_gradients(micro(*mb) for mb in batches)
+        if not np.isfinite(loss):
+            raise TrainingDiverged(f"mean loss is {loss} at step {self.step_count + 1}; the update was not applied")
+        feeds = {**self._params, **{m_name(n): a for n, a in self._m.items()}, **{v_name(n): a for n, a in self._v.items()},
+                 **{grad_name(n): g for n, g in grads.items()}, HP_INPUT: hp, CLIP_INPUT: clip}
+        out = dict(zip(apply_eval.output_names, apply_eval.run(None, feeds)))
+        self.last_grad_norm = float(out[GRAD_NORM_OUTPUT])
         self._params = {n: out[new_name(n)] for n in self._names}
         self._m = {n: out[new_m_name(n)] for n in self._names}
         self._v = {n: out[new_v_name(n)] for n in self._names}

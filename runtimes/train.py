@@ -95,6 +95,9 @@ class TrainOptions:
     # Global gradient-norm clipping threshold (0: off). None: 1.0, except on ort-training,
     # whose threshold is fixed in its optimizer model: there None means the built one.
     clip: float | None = None
+    # Gradient accumulation: each batch of `batch` sequences runs as this many micro-batches of
+    # batch/accumulate through grad_step.onnx, then one apply_step.onnx (1: train_step.onnx).
+    accumulate: int = 1
 
 
 DEFAULT_CLIP = 1.0
@@ -133,6 +136,12 @@ def _check_options(o: TrainOptions) -> None:
     for name, value, ok, rng in checks:
         if not ok:
             raise InputError(f"--{name.replace('_', '-')} must be {rng}, got {value!r}")
+    if o.accumulate < 1 or o.batch % o.accumulate:
+        raise InputError(f"--accumulate must be >= 1 and divide --batch {o.batch} (equal micro-batches), "
+                         f"got {o.accumulate!r}")
+    if o.accumulate > 1 and o.runtime == "ort-training":
+        raise InputError("--accumulate needs the split step graphs, which ort-training does not run; "
+                         "use --runtime ort")
 
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -400,7 +409,10 @@ class _Run:
         hp = make_hp(lr, self.cfg["beta1"], self.cfg["beta2"], self.cfg["eps"], self.cfg["weight_decay"], step=t)
         t0 = time.perf_counter()
         try:
-            loss = rt.step(*batch, hp, self.clip)
+            if o.accumulate > 1:
+                loss = rt.step_accumulated(list(zip(*(np.split(a, o.accumulate) for a in batch))), hp, self.clip)
+            else:
+                loss = rt.step(*batch, hp, self.clip)
         except TrainingDiverged as e:  # ort / reference: the parameters were not updated
             raise TrainingDiverged(f"{e}; {self.where_good()}") from None
         dt = time.perf_counter() - t0

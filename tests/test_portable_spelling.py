@@ -1,5 +1,5 @@
-"""The portable graphs (train_step.onnx, forward.onnx, decoder.onnx) keep to ops and forms every ONNX
-engine runs as shipped, not only ONNX Runtime; the training set keeps what
+"""The portable graphs (train_step.onnx, grad_step.onnx, apply_step.onnx, forward.onnx, decoder.onnx) keep
+to ops and forms every ONNX engine runs as shipped, not only ONNX Runtime; the training set keeps what
 onnxruntime-training's gradient builder needs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from onnx.reference import ReferenceEvaluator
 import runtimes
 from tests.parity_util import batches
 
-PORTABLE = ("train_step.onnx", "forward.onnx", "decoder.onnx")
+PORTABLE = ("train_step.onnx", "grad_step.onnx", "apply_step.onnx", "forward.onnx", "decoder.onnx")
 BANNED_OPS = {"Range", "Size"}  # Range with a limit from Shape defeats some engines; Size is a host int in one
 # ops whose input at this position is a list of axes
 AXES_INPUT = {"Unsqueeze": 1, "Squeeze": 1, "Slice": 3, "ReduceMean": 1, "ReduceSum": 1, "ReduceMax": 1,
