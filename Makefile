@@ -10,7 +10,7 @@ ENGSTAMP:= $(ENGVENV)/.installed
 CONFIGS ?= tiny small
 STEPS   ?=
 
-.PHONY: all venv artifacts train test parity web soak bench clean
+.PHONY: all venv artifacts train finetune test parity web soak bench clean
 
 all: artifacts
 
@@ -41,6 +41,11 @@ artifacts: $(foreach c,$(CONFIGS),artifacts/$(c)/manifest.json)
 # An artifact folder is rebuilt when anything it is built from changes: the builder and the contract.
 artifacts/%/manifest.json: $(STAMP) $(wildcard graphgen/*.py contract/*.py contract/*.json)
 	$(VPY) -m graphgen build --config $* --out artifacts/$*
+
+# The pretrained path end to end (build --from-hf, train with the folder's tokenizer, sample,
+# export --hf) on a small stand-in made locally, or HF=DIR, a GPT-2 folder you downloaded.
+finetune: $(STAMP)
+	$(VPY) scripts/finetune_demo.py $(if $(HF),--hf $(HF)) $(if $(STEPS),--steps $(STEPS))
 
 train: artifacts/small/manifest.json
 	$(VPY) -m runtimes train --artifacts artifacts/small --out runs/small $(if $(STEPS),--steps $(STEPS))
