@@ -13,7 +13,8 @@
 //   prompt="The " gen=200 temperature=0 sample_seed=0   text generated after training (temperature 0: greedy)
 //
 // For tests: window.trainLog = [{step, loss, grad_norm}], window.trainDone (true once training stopped and the
-// sample is shown), window.sample = {tokens, promptLength, text}, window.trainError (message) on failure.
+// sample is shown), window.sample = {tokens, promptLength, text}, window.trainError (message) on failure,
+// window.exportWeights() -> the bytes the Export button downloads (weights.safetensors; null before step 1).
 //
 // The page is served at /, this module at /hosts/web/app.mjs; the contract code shared with hosts/node is
 // imported from /hosts/common/ (serve.mjs mounts it there).
@@ -24,7 +25,7 @@ import {
 } from '/hosts/common/contract.mjs';
 import { checkAdamW, checkClip, makeHp } from '/hosts/common/hp.mjs';
 import { weightsFor } from '/hosts/common/manifest.mjs';
-import { parseSafetensors } from '/hosts/common/safetensors.mjs';
+import { encodeSafetensors, parseSafetensors } from '/hosts/common/safetensors.mjs';
 import { byteSampler, mulberry32 } from '/hosts/common/samplers.mjs';
 import { argmax, checkFile, readManifest, sampleLogits, sha256Hex } from './lib.mjs';
 
@@ -36,6 +37,7 @@ window.trainLog = [];
 window.trainDone = false;
 window.trainError = null;
 window.sample = null;
+window.exportWeights = () => null; // replaced once the trainer exists
 
 // ------------------------------------------------------------------ URL parameters and files
 function intParam(name, dflt, lo, hi) {
@@ -290,6 +292,28 @@ class Trainer {
     this.step += 1;
     return loss;
   }
+
+  /** The current parameters as safetensors bytes, laid out like the artifact folder's
+   *  weights.safetensors (manifest names and shapes, F32), so `python -m runtimes export
+   *  --weights` and the other hosts read it as they read that file. */
+  weightsFile() {
+    const tensors = {};
+    this.model.plist.forEach(({ name, shape }, i) => { tensors[name] = { data: this.state.p[i], shape }; });
+    return encodeSafetensors(tensors, { step: String(this.step), host: 'web', runtime: 'onnxruntime-web' });
+  }
+}
+
+/** Download `bytes` as a file named `name` through a Blob URL and a temporary <a download>. */
+function download(bytes, name) {
+  const url = URL.createObjectURL(new Blob([bytes], { type: 'application/octet-stream' }));
+  const a = document.createElement('a');
+  a.href = url;
+  a.download = name;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  // The click only starts the download; revoking at once can cancel it in some browsers.
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
 }
 
 // Between steps, give the browser a task boundary so clicks (Stop), painting and other tasks
@@ -419,6 +443,7 @@ function showSetup(model, data) {
 function showStats(trainer, loss) {
   const { step, trainMs } = trainer;
   $('step').textContent = String(step);
+  $('export').disabled = step < 1;
   $('loss').textContent = loss.toFixed(4);
   if (trainMs > 0) $('tps').textContent = Math.round((step * trainer.data.batch * trainer.data.seq) / (trainMs / 1000)).toLocaleString('en-US');
   scheduleChart();
@@ -488,6 +513,21 @@ function wireButton(trainer) {
   ui.button.disabled = false;
 }
 
+/** The Export button: the weights after the last completed step. The trainer swaps its whole
+ *  state object per step, so an export during training is one consistent step's weights. */
+function wireExport(trainer) {
+  window.exportWeights = () => (trainer.step > 0 ? trainer.weightsFile() : null);
+  $('export').addEventListener('click', () => {
+    if (trainer.step < 1) return;
+    try {
+      download(trainer.weightsFile(), 'weights.safetensors');
+      ui.status(`exported weights.safetensors (step ${trainer.step})`);
+    } catch (e) {
+      ui.status(`export failed: ${e.message}`, true);
+    }
+  });
+}
+
 // ------------------------------------------------------------------ main
 async function main() {
   const base = (params.get('artifacts') || '/artifacts/tiny').replace(/\/+$/, '');
@@ -495,7 +535,9 @@ async function main() {
   const data = await loadData(manifest.config);
   const model = await openModel(manifest);
   showSetup(model, data);
-  wireButton(new Trainer(model, data));
+  const trainer = new Trainer(model, data);
+  wireButton(trainer);
+  wireExport(trainer);
   drawChart(window.trainLog);
   window.addEventListener('resize', scheduleChart);
   ui.status(`ready: ${data.note}${Number.isFinite(data.totalSteps) ? `, ${data.totalSteps} steps` : ''}. Press Start.`);

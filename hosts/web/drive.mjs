@@ -3,9 +3,11 @@
 // never a downloaded browser): for each --url, open it in a new tab, click Start, wait for
 // window.trainDone (or window.trainError), and print one JSON line {log, sample, error, ...}.
 // --stop-after N (after a --url) presses Stop once that page has logged N steps.
+// --export PATH (after a --url) then clicks Export and saves the download there (its line's
+// exportName is the file name the page suggested).
 // --screenshot saves a full-page PNG of the first URL once it has finished.
 //
-//   node hosts/web/drive.mjs --url URL [--stop-after N] [--url URL2 ...] [--screenshot out.png] [--timeout 60] [--chromium /usr/bin/chromium]
+//   node hosts/web/drive.mjs --url URL [--stop-after N] [--export PATH] [--url URL2 ...] [--screenshot out.png] [--timeout 60] [--chromium /usr/bin/chromium]
 //
 // Exit status: 0 all pages trained; 1 some page reported an error (its line says which);
 // 2 bad arguments; 3 the browser failed or a page timed out (--timeout seconds per wait).
@@ -18,7 +20,7 @@ import { chromium } from 'playwright-core';
 
 function usage(msg) {
   if (msg) process.stderr.write(`drive.mjs: ${msg}\n`);
-  process.stderr.write('usage: node hosts/web/drive.mjs --url URL [--stop-after N] [--url URL ...] [--screenshot PATH] [--timeout SECONDS] [--chromium PATH]\n');
+  process.stderr.write('usage: node hosts/web/drive.mjs --url URL [--stop-after N] [--export PATH] [--url URL ...] [--screenshot PATH] [--timeout SECONDS] [--chromium PATH]\n');
   process.exit(2);
 }
 
@@ -27,12 +29,16 @@ const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; i++) {
   const key = argv[i];
   const val = () => (i + 1 < argv.length ? argv[++i] : usage(`${key} needs a value`));
-  if (key === '--url') opts.urls.push({ url: val(), stopAfter: null });
+  if (key === '--url') opts.urls.push({ url: val(), stopAfter: null, exportTo: null });
   else if (key === '--stop-after') {
     const n = Number(val());
     if (!Number.isInteger(n) || n < 1) usage('--stop-after must be an integer >= 1');
     if (opts.urls.length === 0) usage('--stop-after follows the --url it applies to');
     opts.urls[opts.urls.length - 1].stopAfter = n;
+  }
+  else if (key === '--export') {
+    if (opts.urls.length === 0) usage('--export follows the --url it applies to');
+    opts.urls[opts.urls.length - 1].exportTo = val();
   }
   else if (key === '--screenshot') opts.screenshot = val();
   else if (key === '--timeout') {
@@ -48,7 +54,7 @@ const ARGS = [
   '--disable-background-networking', '--disable-component-update', '--disable-sync',
 ];
 
-async function drivePage(page, { url, stopAfter }, screenshot) {
+async function drivePage(page, { url, stopAfter, exportTo }, screenshot) {
   const deadline = opts.timeout * 1000;
   await page.goto(url, { waitUntil: 'load', timeout: deadline });
   // Ready when Start is enabled, or failed when the page reports an error.
@@ -68,8 +74,18 @@ async function drivePage(page, { url, stopAfter }, screenshot) {
     }
     await page.waitForFunction(() => window.trainError || window.trainDone === true, null, { timeout: deadline, polling: 100 });
   }
+  let exportName = null;
+  if (exportTo && !(await page.evaluate(() => window.trainError))) {
+    // The real button and download path: Blob URL, <a download>, the browser's download.
+    const [download] = await Promise.all([
+      page.waitForEvent('download', { timeout: deadline }),
+      page.click('#export'),
+    ]);
+    await download.saveAs(exportTo);
+    exportName = download.suggestedFilename();
+  }
   if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
-  return page.evaluate(() => ({
+  const result = await page.evaluate(() => ({
     url: location.href,
     log: window.trainLog,
     sample: window.sample,
@@ -81,6 +97,7 @@ async function drivePage(page, { url, stopAfter }, screenshot) {
     crossOriginIsolated: window.crossOriginIsolated,
     error: window.trainError,
   }));
+  return { ...result, exportName };
 }
 
 const profile = mkdtempSync(join(tmpdir(), 'gpt2-web-chromium-'));
