@@ -135,15 +135,23 @@ def hf_config(cfg: dict, bos: int | None, eos: int | None) -> dict:
     }
 
 
+def _prepare(out, flag: str, folder_kind, force: bool, checkpoint, artifacts, weights):
+    """What both exports check and read first: the output folder may be written (never inside an
+    artifact folder, never a user's folder), then the weights and the folder's tokenizer.
+    Returns (out, art, params, origin, tokenizer, end-of-text id: GPT-2's bos and eos, or None)."""
+    out = Path(os.path.abspath(out))
+    refuse_artifact_folder(out, flag)
+    check_out_folder(out, folder_kind, force)
+    art, params, origin = source_weights(checkpoint, artifacts, weights)
+    tok = load_tokenizer(art)
+    end = None if tok.kind == "bytes" else tok.token_to_id(END_OF_TEXT)
+    return out, art, params, origin, tok, end
+
+
 def export_hf(out: str | Path, checkpoint=None, artifacts=None, weights=None, force: bool = False,
               log=print) -> dict:
     """Write the Hugging Face folder ``out``; returns {file name: sha256} of what was written."""
-    out = Path(os.path.abspath(out))
-    refuse_artifact_folder(out, "--hf")
-    check_out_folder(out, EXPORT_FOLDER, force)
-    art, params, origin = source_weights(checkpoint, artifacts, weights)
-    tok = load_tokenizer(art)
-    end = None if tok.kind == "bytes" else tok.token_to_id(END_OF_TEXT)  # GPT-2's bos and eos
+    out, art, params, origin, tok, end = _prepare(out, "--hf", EXPORT_FOLDER, force, checkpoint, artifacts, weights)
     from safetensors.numpy import save_file
 
     tmp = make_temp_sibling(out, EXPORT_FOLDER)
@@ -246,12 +254,8 @@ def export_onnx(out: str | Path, checkpoint=None, artifacts=None, weights=None, 
     """Write the transformers.js folder ``out``; returns {name: sha256, "onnx": {name: sha256}}."""
     import onnx
 
-    out = Path(os.path.abspath(out))
-    refuse_artifact_folder(out, "--onnx")
-    check_out_folder(out, ONNX_EXPORT_FOLDER, force)
-    art, params, origin = source_weights(checkpoint, artifacts, weights)
-    tok = load_tokenizer(art)
-    end = None if tok.kind == "bytes" else tok.token_to_id(END_OF_TEXT)
+    out, art, params, origin, tok, end = _prepare(out, "--onnx", ONNX_EXPORT_FOLDER, force, checkpoint, artifacts,
+                                                  weights)
     model = transformersjs_model(art, params)
     tmp = make_temp_sibling(out, ONNX_EXPORT_FOLDER)
     try:

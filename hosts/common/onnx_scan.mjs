@@ -44,14 +44,12 @@ function varint(bytes, pos, end) {
 
 const utf8 = new TextDecoder('utf-8');
 
-/** Walk one message of `kind` in bytes[start, end); the first tensor with external data, or null. */
-function scanMessage(bytes, start, end, kind, path, depth) {
-  if (depth > ONNX_MAX_DEPTH) throw new ProtobufError(`messages nest deeper than ${ONNX_MAX_DEPTH} levels at byte ${start}`);
-  const isTensor = kind === 'tensor';
-  const fields = ONNX_TENSOR_FIELDS[kind];
-  let name = '';
-  let external = false;
-  let location;
+/**
+ * The fields of one protobuf message in bytes[start, end), in order: {field, wire, at, value}
+ * for a varint, {field, wire, at, body, next} for a length-delimited field (its bytes are
+ * [body, next)); fixed-width fields are skipped. `where` names the message in errors.
+ */
+function* fields(bytes, start, end, where) {
   let pos = start;
   while (pos < end) {
     const at = pos;
@@ -59,35 +57,49 @@ function scanMessage(bytes, start, end, kind, path, depth) {
     [key, pos] = varint(bytes, pos, end);
     const field = Math.floor(key / 8);
     const wire = key % 8;
-    if (field === 0) throw new ProtobufError(`field number 0 at byte ${at}`);
+    if (field === 0) throw new ProtobufError(`field number 0 at byte ${at} in ${where}`);
     if (wire === 0) {
       let value;
       [value, pos] = varint(bytes, pos, end);
-      if (isTensor && field === TENSOR_DATA_LOCATION && value === DATA_LOCATION_EXTERNAL) external = true;
+      yield { field, wire, at, value };
     } else if (wire === 1 || wire === 5) {
       pos += wire === 1 ? 8 : 4;
     } else if (wire === 2) {
       let len;
       [len, pos] = varint(bytes, pos, end);
-      if (len > end - pos) throw new ProtobufError(`field ${field} at byte ${at} claims ${len} bytes, ${end - pos} remain in its message`);
-      const body = pos;
+      if (len > end - pos) throw new ProtobufError(`field ${field} at byte ${at} claims ${len} bytes, ${end - pos} remain in ${where}`);
+      yield { field, wire, at, body: pos, next: pos + len };
       pos += len;
-      if (isTensor) {
-        if (field === TENSOR_NAME) name = utf8.decode(bytes.subarray(body, pos));
-        if (field === TENSOR_EXTERNAL_DATA) {
-          external = true;
-          const entry = stringEntry(bytes, body, pos);
-          if (entry.key === 'location') location = entry.value;
-        }
-      } else if (fields[field]) {
-        const [fname, next] = fields[field];
-        const found = scanMessage(bytes, body, pos, next, `${path}.${fname}`, depth + 1);
-        if (found) return found;
-      }
     } else {
-      throw new ProtobufError(`wire type ${wire} (field ${field}) at byte ${at}, which ONNX models do not use`);
+      throw new ProtobufError(`wire type ${wire} (field ${field}) at byte ${at} in ${where}, which ONNX models do not use`);
     }
-    if (pos > end) throw new ProtobufError(`field ${field} at byte ${at} runs past the end of its message`);
+    if (pos > end) throw new ProtobufError(`field ${field} at byte ${at} runs past the end of ${where}`);
+  }
+}
+
+/** Walk one message of `kind` in bytes[start, end); the first tensor with external data, or null. */
+function scanMessage(bytes, start, end, kind, path, depth) {
+  if (depth > ONNX_MAX_DEPTH) throw new ProtobufError(`messages nest deeper than ${ONNX_MAX_DEPTH} levels at byte ${start}`);
+  const isTensor = kind === 'tensor';
+  const nested = ONNX_TENSOR_FIELDS[kind];
+  let name = '';
+  let external = false;
+  let location;
+  for (const f of fields(bytes, start, end, `its ${kind} message`)) {
+    if (f.wire === 0) {
+      if (isTensor && f.field === TENSOR_DATA_LOCATION && f.value === DATA_LOCATION_EXTERNAL) external = true;
+    } else if (isTensor) {
+      if (f.field === TENSOR_NAME) name = utf8.decode(bytes.subarray(f.body, f.next));
+      if (f.field === TENSOR_EXTERNAL_DATA) {
+        external = true;
+        const entry = stringEntry(bytes, f.body, f.next);
+        if (entry.key === 'location') location = entry.value;
+      }
+    } else if (nested[f.field]) {
+      const [fname, next] = nested[f.field];
+      const found = scanMessage(bytes, f.body, f.next, next, `${path}.${fname}`, depth + 1);
+      if (found) return found;
+    }
   }
   return external ? { name, path, location } : null;
 }
@@ -95,29 +107,11 @@ function scanMessage(bytes, start, end, kind, path, depth) {
 /** StringStringEntryProto {key = 1, value = 2} in bytes[start, end). */
 function stringEntry(bytes, start, end) {
   const out = { key: undefined, value: undefined };
-  let pos = start;
-  while (pos < end) {
-    const at = pos;
-    let key;
-    [key, pos] = varint(bytes, pos, end);
-    const field = Math.floor(key / 8);
-    const wire = key % 8;
-    if (wire === 0) {
-      [, pos] = varint(bytes, pos, end);
-    } else if (wire === 1 || wire === 5) {
-      pos += wire === 1 ? 8 : 4;
-    } else if (wire === 2) {
-      let len;
-      [len, pos] = varint(bytes, pos, end);
-      if (len > end - pos) throw new ProtobufError(`external_data field ${field} at byte ${at} claims ${len} bytes, ${end - pos} remain`);
-      const text = utf8.decode(bytes.subarray(pos, pos + len));
-      if (field === 1) out.key = text;
-      if (field === 2) out.value = text;
-      pos += len;
-    } else {
-      throw new ProtobufError(`wire type ${wire} at byte ${at} in an external_data entry`);
-    }
-    if (pos > end) throw new ProtobufError(`external_data field ${field} at byte ${at} runs past its entry`);
+  for (const f of fields(bytes, start, end, 'an external_data entry')) {
+    if (f.wire !== 2) continue;
+    const text = utf8.decode(bytes.subarray(f.body, f.next));
+    if (f.field === 1) out.key = text;
+    if (f.field === 2) out.value = text;
   }
   return out;
 }
