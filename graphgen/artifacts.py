@@ -37,7 +37,7 @@ from .config import GPT2Config, param_specs
 from .decoder import build_decoder
 from .init import init_weights
 from .model import build_forward_logits, build_forward_loss
-from .ort_training_set import write_training_set
+from .ort_training_set import training_set_available, write_training_set
 from .train_step import build_apply_step, build_grad_step, build_train_step
 
 
@@ -115,10 +115,19 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
         _save(build_apply_step(build_forward_loss(cfg), list(weights)), tmp / "apply_step.onnx")
         log(f"grad_step.onnx, apply_step.onnx ({time.perf_counter() - t0:.1f}s)")
 
-        write_training_set(build_forward_loss(cfg, gelu="expanded"), weights, cfg, tmp)
-        log(f"ONNX Runtime training set ({time.perf_counter() - t0:.1f}s)")
+        if training_set_available():
+            write_training_set(build_forward_loss(cfg, gelu="expanded"), weights, cfg, tmp)
+            training_files = list(TRAINING_FILES)
+            log(f"ONNX Runtime training set ({time.perf_counter() - t0:.1f}s)")
+        else:
+            # The other runtimes need only the loss graph of the set; written here in the
+            # same spelling and with the same inputs and output as onnxruntime-training's.
+            _save(build_forward_loss(cfg, gelu="expanded"), tmp / "eval_model.onnx")
+            training_files = []
+            log("eval_model.onnx; ONNX Runtime training set skipped: onnxruntime-training is not installed "
+                "here (pip install '.[training]'), so the ort-training runtime cannot use this folder")
 
-        manifest = _manifest(cfg, tmp, source, tokenizer)
+        manifest = _manifest(cfg, tmp, source, tokenizer, training_files)
         with open(tmp / "manifest.json", "w") as f:
             json.dump(manifest, f, indent=1)
         for p in tmp.iterdir():
@@ -131,7 +140,7 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
     return manifest
 
 
-def _manifest(cfg: GPT2Config, folder: Path, source: dict, tokenizer: dict) -> dict:
+def _manifest(cfg: GPT2Config, folder: Path, source: dict, tokenizer: dict, training_files: list[str]) -> dict:
     model_files = sorted(p.name for p in folder.glob("*.onnx"))
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
     return {
@@ -149,7 +158,7 @@ def _manifest(cfg: GPT2Config, folder: Path, source: dict, tokenizer: dict) -> d
             "layout": list(HP_LAYOUT),
             "notes": CONSTANTS["hp"]["notes"],
         },
-        "training_set": list(TRAINING_FILES),
+        "training_set": training_files,  # empty when built without onnxruntime-training
         "train_step": {
             "file": "train_step.onnx",
             "moments": {"m": name_template("m"), "v": name_template("v")},

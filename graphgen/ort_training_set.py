@@ -32,6 +32,15 @@ from .config import GPT2Config
 from contract import IR_VERSION, TRAINING_FILES  # noqa: F401  (TRAINING_FILES: the files this writes)
 
 
+def training_set_available() -> bool:
+    """Whether this environment can write the training set (onnxruntime-training is
+    installed). An environment with onnxruntime-gpu cannot hold it: both install the
+    same ``onnxruntime`` package."""
+    from contract.ort_env import stub_training_package
+
+    return stub_training_package() is not None
+
+
 def _import_ort_training():
     """onnxruntime.training's artifacts/onnxblock, without torch (runtimes.ort_env says how)."""
     from contract.ort_env import import_onnxruntime, stub_training_package

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract import MANIFEST_FORMAT  # noqa: F401  (re-exported for callers of this module)
+from contract import MANIFEST_FORMAT, TRAINING_FILES  # noqa: F401  (MANIFEST_FORMAT: re-exported for callers)
 from contract.files import sha256_file  # noqa: F401
 from contract.jsonlimits import loads_limited
 from contract.manifest import artifact_folder_holding, check_structure, describe_io, read_manifest  # noqa: F401
@@ -214,6 +214,13 @@ def load_artifacts(folder: str | Path, verify: bool = True, needs: tuple[str, ..
     manifest = read_manifest(mpath)
     check_structure(mpath, manifest)
     art = Artifacts(folder, manifest)
+    missing_set = [n for n in needs if n in TRAINING_FILES and n not in manifest["files"]]
+    if missing_set:
+        raise ArtifactError(
+            f"{folder} was built without ONNX Runtime's training set ({', '.join(missing_set)}): "
+            "onnxruntime-training was not installed where it was built. Rebuild it where it is "
+            "(pip install '.[training]'), or use --runtime ort"
+        )
     for name in needs:
         if not art.path(name).is_file():
             raise ArtifactError(f"{folder}: file {name} listed in manifest.json is missing")

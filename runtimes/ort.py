@@ -73,6 +73,23 @@ def session_options(threads: int | None, shared_arena: bool = True):
     return so
 
 
+
+def _load_cuda_libraries(ort) -> None:
+    """Load CUDA and cuDNN from the nvidia-* wheels that ``onnxruntime-gpu[cuda,cudnn]`` installs.
+
+    Those wheels put the libraries in site-packages, where the dynamic loader does not
+    look; ONNX Runtime's own ``preload_dlls`` finds them. Without it (older releases) or
+    when the libraries come from the system (LD_LIBRARY_PATH), session creation finds
+    them as usual, so a failure here is not an error.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or "CUDAExecutionProvider" not in ort.get_available_providers():
+        return
+    try:
+        preload(msvc=False)
+    except Exception:  # noqa: BLE001 - the session below reports what is really missing
+        pass
+
 class OrtRuntime(Runtime):
     name = "ort"
     accumulates = True
@@ -83,13 +100,23 @@ class OrtRuntime(Runtime):
         ort = import_onnxruntime()
 
         self._ort = ort
-        self._providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        # use_tf32 off: the CUDA provider otherwise rounds MatMul inputs to TF32 (10-bit
+        # mantissa), about 5e-4 relative on every gradient, where this project computes float32.
+        self._providers = ([("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+                           if device == "cuda" else ["CPUExecutionProvider"])
+        if device == "cuda":
+            _load_cuda_libraries(ort)
         try:
             self._sess = ort.InferenceSession(str(art.path("train_step.onnx")), session_options(threads), providers=self._providers)
         except Exception as e:
             if device == "cuda":
                 raise RuntimeUnavailable(f"runtime 'ort' could not start on cuda: {e}") from None
             raise
+        if device == "cuda" and "CUDAExecutionProvider" not in self._sess.get_providers():
+            # ONNX Runtime falls back to the CPU when the CUDA provider cannot load its
+            # libraries; a run asked for cuda must not silently train on the CPU instead.
+            raise RuntimeUnavailable("runtime 'ort' could not start on cuda: ONNX Runtime could not load its CUDA "
+                                     "provider (CUDA 13 and cuDNN 9 libraries; pip install '.[cuda]' brings them)")
         self._sessions: dict[str, object] = {}  # eval_model.onnx / forward.onnx, made on first use
         self._ort_device = "cuda" if device == "cuda" else "cpu"
         self._names = art.param_names

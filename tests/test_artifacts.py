@@ -157,3 +157,33 @@ def test_not_a_folder(tmp_path):
         load_artifacts(tmp_path / "nope")
     with pytest.raises(ArtifactError, match="no manifest.json"):
         load_artifacts(tmp_path)
+
+
+def test_build_without_onnxruntime_training(tiny_index, tmp_path, monkeypatch, capsys):
+    """Where onnxruntime-training cannot be installed (an environment with onnxruntime-gpu:
+    both are the `onnxruntime` package) the build still makes a folder every other runtime
+    uses; the ort-training runtime refuses it naming why, before opening anything."""
+    import graphgen.artifacts as ga
+    from graphgen.__main__ import main as build_main
+
+    monkeypatch.setattr(ga, "training_set_available", lambda: False)
+    out = tmp_path / "no-set"
+    assert build_main(["build", "--config", "tiny", "--out", str(out)]) == 0
+    assert "training set skipped: onnxruntime-training is not installed" in capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["training_set"] == []
+    names = {p.name for p in out.iterdir()}
+    assert not names & {"training_model.onnx", "optimizer_model.onnx", "checkpoint"}
+    assert "eval_model.onnx" in names
+    full = json.loads((tiny_index / "manifest.json").read_text())
+    assert m["models"]["eval_model.onnx"] == full["models"]["eval_model.onnx"]
+
+    tok = np.arange(2 * 16, dtype=np.int64).reshape(2, 16) % 256
+    pos = np.tile(np.arange(16, dtype=np.int64), (2, 1))
+    lab = np.roll(tok, -1, axis=1)
+    for name in ("ort", "reference"):
+        a = runtimes.load(out, runtime=name, threads=2)
+        b = runtimes.load(tiny_index, runtime=name, threads=2)
+        assert a.loss(tok, pos, lab) == pytest.approx(b.loss(tok, pos, lab), rel=1e-6)
+    with pytest.raises(ArtifactError, match="built without ONNX Runtime's training set.*--runtime ort"):
+        runtimes.load(out, runtime="ort-training")

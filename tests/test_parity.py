@@ -280,17 +280,57 @@ def _has_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+# Gradients on the GPU match the oracle to 1e-6 (float32; TF32 is off), but AdamW divides
+# by sqrt(v): an element whose gradient is near zero moves by up to lr a step whatever its
+# sign, so a last-bit difference there (the GPU sums in another order) becomes a
+# whole-step difference. Measured on an H200: 1.9e-3 after 20 steps of tiny, 7e-4 after
+# 6 of small; the CPU runtimes agree to 1e-4 because they sum in the oracle's order.
+CUDA_PARAM_TOL = 5e-3
+
+
+def _has_ort_training() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime.training") is not None
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not _has_cuda(), reason="no CUDAExecutionProvider in this onnxruntime")
 @pytest.mark.parametrize("name", ["ort", "ort-training"])
 def test_cuda_matches_oracle(name, tiny_index):
+    if name == "ort-training" and not _has_ort_training():
+        pytest.skip("this onnxruntime is not a training build (onnxruntime-training's CUDA wheel)")
     rt = runtimes.load(tiny_index, runtime=name, device="cuda")
     r = run_runtime(rt)
     oracle = results(("oracle", "index"), tiny_index, run_oracle)
     report(f"{name}/cuda gradients vs torch", floored_errors(r["grads"], oracle["grads"]), 1e-5)
     diff = np.abs(np.array(r["losses"]) - np.array(oracle["losses"]))
     assert diff.max() <= 1e-4
-    compare_state(f"{name}/cuda parameters after 20 steps", r["params"], oracle["params"], 1e-4, LR, STEPS)
+    compare_state(f"{name}/cuda parameters after 20 steps", r["params"], oracle["params"], CUDA_PARAM_TOL, LR, STEPS)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="no CUDAExecutionProvider in this onnxruntime")
+def test_cuda_on_small_matches_the_oracle_and_the_cpu(small_index):
+    """Realistic size on the GPU: gradients against the oracle, then three steps of the
+    single graph and three accumulated steps (grad_step on the device, the mean on the
+    host, apply_step on the device) against the same steps on the CPU."""
+    gpu = runtimes.load(small_index, runtime="ort", device="cuda", verify=False)
+    tok, pos, lab = batches(gpu.art.config, 1, batch=16, seq=64, seed=3)[0]
+    loss, want = TorchGPT2(gpu.art.config, gpu.art.initial_weights()).grads(tok, pos, lab)
+    assert abs(gpu.loss(tok, pos, lab) - loss) < 1e-4
+    report("ort/cuda gradients vs torch on small 16x64", floored_errors(gpu.gradients(tok, pos, lab), want), 1e-4)
+
+    cpu = runtimes.load(small_index, runtime="ort", threads=2, verify=False)
+    tb = batches(gpu.art.config, 6, batch=8, seq=64, seed=4)
+    for rt in (gpu, cpu):
+        rt.losses = [rt.step(*b, runtimes.make_hp(LR, *BETAS, EPS, WD, step=t + 1), 1.0)
+                     for t, b in enumerate(tb[:3])]
+        rt.losses += [rt.step_accumulated(tb[3 + t: 4 + t] * 2, runtimes.make_hp(LR, *BETAS, EPS, WD, step=4 + t), 1.0)
+                      for t in range(3)]
+    np.testing.assert_allclose(gpu.losses, cpu.losses, rtol=1e-5)
+    compare_state("ort/cuda parameters after 6 steps vs ort/cpu", gpu.parameters(), cpu.parameters(),
+                  CUDA_PARAM_TOL, LR, 6)
 
 
 def test_cuda_request_without_cuda_is_a_clear_error(tiny_index):
