@@ -80,7 +80,6 @@ class World:
         self.local_size = sum(h == self.host for h, _ in self.peers)
         self.last_checkpoint: tuple[str, int] | None = None
         self.checkpoint_due: tuple[str, int] | None = None  # ranks > 0: rank 0 is writing it
-        self.comm_seconds = 0.0  # time spent waiting on gradient and parameter exchanges
 
     # --- waiting, with a watchdog ------------------------------------------------------------
 
@@ -219,6 +218,8 @@ class DataParallel(Runtime):
         if not inner.accumulates:
             raise InputError(f"runtime {inner.name!r} cannot hand out gradients, which --data-parallel exchanges; "
                              f"use --runtime ort")
+        if shard_optimizer and inner.device != "cpu":
+            raise RuntimeUnavailable("--shard-optimizer exchanges parameters in host memory: run it with --device cpu")
         super().__init__(inner.art, inner.device, inner.threads)
         self.name, self.inner, self.world = inner.name, inner, world
         self.step_count, self.resumed_extra = inner.step_count, inner.resumed_extra
@@ -234,7 +235,8 @@ class DataParallel(Runtime):
         if shard_optimizer:
             self.owner = dict(zip(self._names, partition(sizes, world.size)))
             inner._shard_moments([n for n in self._names if self.owner[n] == world.rank])
-        self.bytes_reduced = 0  # per rank, per step, what Allreduce was handed (the gradient's bytes)
+        # Seconds spent so far in each phase of the step, on this rank (bench/dp.py reads them).
+        self.seconds = {"grad": 0.0, "allreduce": 0.0, "apply": 0.0, "broadcast": 0.0}
 
     def _shards(self, bucket_bytes: int) -> list[slice]:
         step = max(1, bucket_bytes // 4)
@@ -256,6 +258,7 @@ class DataParallel(Runtime):
                              f"divisible by ranks x --accumulate")
         k = n // w.size
         mine = batches[w.rank * k:(w.rank + 1) * k]
+        t0 = time.perf_counter()
         losses = []
         for i, mb in enumerate(mine):  # summed in order, as base.mean_gradients does
             if i == 0:
@@ -269,6 +272,7 @@ class DataParallel(Runtime):
                 loss, _ = self.inner._micro_gradients(*mb, out=self._scratch_views)
                 self._flat += self._scratch
             losses.append(loss)
+        self.seconds["grad"] += time.perf_counter() - t0
         losses = w.allgather_floats(losses, "the exchange of losses")
         if w.checkpoint_due:  # rank 0 got here, so it has written the checkpoint
             w.last_checkpoint, w.checkpoint_due = w.checkpoint_due, None
@@ -277,7 +281,9 @@ class DataParallel(Runtime):
             raise TrainingDiverged(f"mean loss is {loss} at step {self.step_count + 1}; the update was not applied")
         self._allreduce_mean(np.float32(n))
         self.inner.step_count = self.step_count
+        t0 = time.perf_counter()
         self.inner._apply_gradients(self._grads, hp, clip)
+        self.seconds["apply"] += time.perf_counter() - t0
         self.last_grad_norm = self.inner.last_grad_norm
         if self.owner is not None:
             self._gather_parameters()
@@ -293,8 +299,7 @@ class DataParallel(Runtime):
         for req, s in zip(reqs, self._shard_of):
             w.wait([req], "the gradient Allreduce")
             np.divide(self._flat[s], count, out=self._flat[s])
-        w.comm_seconds += time.perf_counter() - t0
-        self.bytes_reduced = self._flat.nbytes
+        self.seconds["allreduce"] += time.perf_counter() - t0
 
     def _gather_parameters(self) -> None:
         """Every parameter from its owner into the live buffers of the others (ZeRO-1's gather)."""
@@ -303,7 +308,7 @@ class DataParallel(Runtime):
         bufs = self.inner._parameter_buffers(self._names)
         reqs = [w.comm.Ibcast(bufs[n], root=self.owner[n]) for n in self._names]
         w.wait(reqs, "the parameter broadcast")
-        w.comm_seconds += time.perf_counter() - t0
+        self.seconds["broadcast"] += time.perf_counter() - t0
 
     # --- the rest of the Runtime interface ------------------------------------------------
 
