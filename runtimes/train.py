@@ -359,6 +359,8 @@ class _Run:
             raise
         self.ckpt_path = self.out / CHECKPOINT_NAME
         self.last_good = (str(opts.resume), self.rt.step_count) if opts.resume else None
+        if world is not None:
+            world.last_checkpoint = self.last_good  # what a lost rank's message names until the next one
         self.stop = min(opts.steps, opts.stop_after or opts.steps)
         self.log_path = self.out / "log.jsonl"
         self.log: list[dict] = []
