@@ -371,3 +371,21 @@ def test_folder_without_split_graphs_says_to_rebuild(old_folder, tmp_path, world
                         data_parallel=world is not None, progress=False, steps=1)
     with pytest.raises(ArtifactError, match=r"predates the split step graphs .*python -m graphgen build"):
         _Run(opts, print, _World(world) if world else None)
+
+
+@needs_mpi
+def test_bench_dp_counts_the_bytes_on_the_wire(tiny_index, tmp_path, capsys):
+    """bench.dp over TCP: what the loopback carried per rank and step is at least the theory (a ring
+    Allreduce's 2(N-1)/N x gradient, plus the sharded optimizer's (N-1)/N x parameter broadcast);
+    headers and other traffic on the loopback only add."""
+    from bench import dp
+
+    out = tmp_path / "dp.json"
+    assert dp.main(["--config", "tiny", "--artifacts", str(tiny_index), "--batch", "4", "--seq", "16", "--steps", "2",
+                    "--modes", "single,zero-tcp", "--json", str(out)]) == 0
+    z = json.loads(out.read_text())["summary"]["zero-tcp"]
+    grad_mib = 4 * sum(int(np.prod(s)) for s in runtimes.load(tiny_index).art.param_shapes.values()) / 2**20
+    assert z["theory_mib_per_rank"] == pytest.approx(grad_mib)  # 2 (N-1)/N = 1 at N = 2
+    assert z["wire_mib_per_rank"] >= 0.98 * (grad_mib + grad_mib / 2), z
+    assert set(z["phases_ms"]) == {"grad", "allreduce", "apply", "broadcast"} and len(z["peak_rss_mib"]) == 2
+    assert "zero-tcp" in capsys.readouterr().out
