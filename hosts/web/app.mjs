@@ -8,11 +8,12 @@
 //   clip=C                      global gradient-norm clipping before AdamW (0: off; default 1 in the text mode,
 //                               0 with batches=, whose file carries no threshold)
 //   ep=auto|wasm|webgpu         execution provider (auto: WebGPU when an adapter exists and the session starts)
-//   threads=N                   wasm threads (default: half the cores, at most 4, when the page is cross-origin
-//                               isolated; else 1)
+//   placements=1                (with WebGPU) record which ops run on wasm in window.placements; verbose logging
+//   threads=N                   wasm threads (default: every core, navigator.hardwareConcurrency, when the page
+//                               is cross-origin isolated; else 1)
 //   prompt="The " gen=200 temperature=0 sample_seed=0   text generated after training (temperature 0: greedy)
 //
-// For tests: window.trainLog = [{step, loss, grad_norm}], window.trainDone (true once training stopped and the
+// For tests: window.trainLog = [{step, loss, grad_norm, ms}], window.trainDone (true once training stopped and the
 // sample is shown), window.sample = {tokens, promptLength, text}, window.trainError (message) on failure,
 // window.exportWeights() -> the bytes the Export button downloads (weights.safetensors; null before step 1).
 //
@@ -27,7 +28,7 @@ import { checkAdamW, checkClip, makeHp } from '/hosts/common/hp.mjs';
 import { weightsFor } from '/hosts/common/manifest.mjs';
 import { encodeSafetensors, parseSafetensors } from '/hosts/common/safetensors.mjs';
 import { byteSampler, mulberry32 } from '/hosts/common/samplers.mjs';
-import { argmax, checkFile, readManifest, sampleLogits, sha256Hex } from './lib.mjs';
+import { argmax, checkFile, parsePlacements, readManifest, sampleLogits, sha256Hex } from './lib.mjs';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -38,6 +39,7 @@ window.trainDone = false;
 window.trainError = null;
 window.sample = null;
 window.exportWeights = () => null; // replaced once the trainer exists
+window.placements = null; // with ?placements=1 and WebGPU: {provider: {opType: count}} of train_step.onnx
 
 // ------------------------------------------------------------------ URL parameters and files
 function intParam(name, dflt, lo, hi) {
@@ -205,26 +207,60 @@ async function webgpuUsable() {
   }
 }
 
+/**
+ * Run `create` (a session creation) with onnxruntime's verbose log captured rather than printed,
+ * and publish which provider runs which op as window.placements ({provider: {opType: count}}):
+ * with ?placements=1 the page lists the train_step ops WebGPU leaves to wasm. The log level
+ * is process-wide in onnxruntime-web, so every later run logs verbosely too: a diagnostic mode.
+ */
+async function withPlacements(create) {
+  const lines = [];
+  const saved = {};
+  for (const k of ['log', 'info', 'warn', 'error', 'debug']) {
+    saved[k] = console[k];
+    console[k] = (...a) => { lines.push(a.join(' ')); };
+  }
+  let session;
+  try {
+    session = await create();
+  } finally {
+    Object.assign(console, saved);
+  }
+  window.placements = parsePlacements(lines);
+  const onWasm = Object.entries(window.placements.CPUExecutionProvider || {}).map(([op, n]) => `${op} ×${n}`);
+  console.info(`train_step ops on wasm: ${onWasm.join(', ') || 'none'}`);
+  for (const k of ['log', 'info', 'debug']) console[k] = () => {}; // the per-run verbose flood
+  return session;
+}
+
 /** Import onnxruntime-web and create the train_step session: WebGPU if asked/available, else wasm. */
 async function startOrt(modelBytes, epParam) {
   if (!['auto', 'wasm', 'webgpu'].includes(epParam)) throw new Error(`?ep=${epParam}: expected auto, wasm or webgpu`);
   const tryGpu = epParam === 'webgpu' || (epParam === 'auto' && (await webgpuUsable()));
   if (epParam === 'webgpu' && !tryGpu) throw new Error('?ep=webgpu, but this browser has no usable WebGPU adapter');
-  // ort.min.mjs carries the WebGPU and wasm EPs; ort.wasm.min.mjs (smaller) only wasm.
-  const ort = await import(ORT_BASE + (tryGpu ? 'ort.min.mjs' : 'ort.wasm.min.mjs'));
+  // ort.webgpu.min.mjs: onnxruntime's native WebGPU provider (and wasm). Not ort.min.mjs, whose
+  // older JavaScript WebGPU provider (JSEP) computes train_step.onnx wrong in onnxruntime-web
+  // 1.30: its position-embedding Gather returns wpe's last element everywhere (forward.onnx
+  // alone is right), 0.14% off in the first loss and 24% in the gradient norm.
+  // ort.wasm.min.mjs (smaller) carries only wasm.
+  const ort = await import(ORT_BASE + (tryGpu ? 'ort.webgpu.min.mjs' : 'ort.wasm.min.mjs'));
   const isolated = globalThis.crossOriginIsolated === true;
-  // Half the cores (at most 4) leave room for the page and the rest of the machine.
-  const maxThreads = isolated ? Math.max(1, Math.min(4, Math.floor((navigator.hardwareConcurrency || 1) / 2))) : 1;
+  // Every core: a training tab is the machine's work while it runs (?threads=N to leave room).
+  const maxThreads = isolated ? Math.max(1, navigator.hardwareConcurrency || 1) : 1;
   const threads = intParam('threads', maxThreads, 1, 64);
   if (threads > 1 && !isolated) throw new Error(`?threads=${threads} needs a cross-origin isolated page (COOP/COEP headers; serve.mjs sends them)`);
   ort.env.wasm.numThreads = threads;
   ort.env.wasm.wasmPaths = ORT_BASE;
-  ort.env.logLevel = 'warning';
+  const placements = params.get('placements') === '1';
+  ort.env.logLevel = placements ? 'verbose' : 'warning';
   const options = { graphOptimizationLevel: 'all', executionMode: 'sequential' };
   if (tryGpu) {
     try {
-      const session = await ort.InferenceSession.create(modelBytes, { ...options, executionProviders: ['webgpu', 'wasm'] });
-      return { ort, session, ep: 'webgpu', threads, options: { ...options, executionProviders: ['webgpu', 'wasm'] } };
+      const gpuOptions = { ...options, executionProviders: ['webgpu', 'wasm'] };
+      const session = placements
+        ? await withPlacements(() => ort.InferenceSession.create(modelBytes, { ...gpuOptions, logSeverityLevel: 0, logVerbosityLevel: 0 }))
+        : await ort.InferenceSession.create(modelBytes, gpuOptions);
+      return { ort, session, ep: 'webgpu', threads, options: gpuOptions };
     } catch (e) {
       if (epParam === 'webgpu') throw e;
       console.warn(`WebGPU session failed, falling back to wasm: ${e.message}`);
@@ -479,8 +515,9 @@ function wireButton(trainer) {
       while (running && trainer.step < data.totalSteps) {
         const t0 = performance.now();
         const loss = await trainer.trainStep();
-        trainer.trainMs += performance.now() - t0;
-        window.trainLog.push({ step: trainer.step, loss, grad_norm: trainer.gradNorm });
+        const ms = performance.now() - t0;
+        trainer.trainMs += ms;
+        window.trainLog.push({ step: trainer.step, loss, grad_norm: trainer.gradNorm, ms });
         showStats(trainer, loss);
         await yieldToBrowser();
       }
