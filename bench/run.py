@@ -5,7 +5,9 @@
                         [--rounds N] [--burst K]
 
 For each case (config, batch x T) it starts one process per participant
-(bench/worker.py): the ``ort``, ``ort-training`` and ``openvino`` runtimes, the batched
+(bench/worker.py): the ``ort``, ``ort-training`` and ``openvino`` runtimes, ``ort-split``
+(the ``ort`` runtime through grad_step.onnx + apply_step.onnx, the path of gradient
+accumulation and data parallel, on the same whole batch), the batched
 PyTorch eager model (bench/torch_model.py; ``torch`` with an explicit masked
 softmax, ``torch-sdpa`` with scaled_dot_product_attention) and a NumPy sgemm
 probe. It then runs warm-up steps and alternates short bursts of steps across
@@ -98,7 +100,7 @@ QUICK_CASES = [Case("small", 1, 256, 6, 2)]
 CUDA_CASES = [Case("small", 8, 256, 6, 3, burst=6), Case("mid", 8, 256, 6, 3, burst=6),
               Case("gpt2", 8, 1024, 6, 2, burst=4)]
 EXTRA_CASES = [Case("tiny", 1, 64, 2, 1)]  # selected only by name
-RUNTIMES = ("ort", "ort-training", "openvino", "torch", "torch-sdpa")
+RUNTIMES = ("ort", "ort-split", "ort-training", "openvino", "torch", "torch-sdpa")
 BASELINE = "torch"
 
 # The targets: (case label, runtime) -> minimum tokens/s ratio to the baseline.
