@@ -27,9 +27,10 @@ uninterrupted run would and, on the CPU provider, reproduces its losses and
 weights bit for bit.
 
 Divergence: a step whose loss is NaN or infinite stops the run with
-TrainingDiverged (``ort`` and ``reference`` raise it themselves and do not
-commit the parameters, though ``ort`` has updated its moments in place;
-``ort-training`` updates everything in place and returns the NaN). A
+TrainingDiverged (``ort`` and ``reference`` raise it themselves; ``reference``
+commits nothing, ``ort`` has written the update in place (its moments always,
+its parameters where the manifest allows in-place updates); ``ort-training``
+updates everything in place and returns the NaN). A
 gradient that overflows can leave parameters or moments non-finite while the
 loss of that step is still finite; train() therefore checks that every
 parameter and both AdamW moments are finite before it writes a checkpoint (and
