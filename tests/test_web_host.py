@@ -25,6 +25,7 @@ import pytest
 
 import runtimes
 from runtimes.data import dense_labels, encode, fixed_batches
+from tests.host_util import mulberry32, window_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "hosts" / "web"
@@ -121,32 +122,9 @@ class Server:
                 self.proc.wait()
 
 
-def mulberry32(seed: int):
-    """The page's PRNG (hosts/web/lib.mjs), in Python: floats in [0, 1)."""
-    a = seed & 0xFFFFFFFF
-    m = 0xFFFFFFFF
-
-    def nxt() -> float:
-        nonlocal a
-        a = (a + 0x6D2B79F5) & m
-        x = a
-        x = ((x ^ (x >> 15)) * (x | 1)) & m
-        x = (x ^ ((x + ((x ^ (x >> 7)) * (x | 61))) & m)) & m
-        return ((x ^ (x >> 14)) & m) / 4294967296
-
-    return nxt
-
-
 def page_text_batches(data: bytes, batch: int, seq: int, seed: int, n: int):
-    """The batches the page draws from a text (lib.mjs byteSampler), in Python."""
-    rand, high = mulberry32(seed), len(data) - seq
-    arr = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-    out = []
-    for _ in range(n):
-        offs = [int(rand() * high) for _ in range(batch)]
-        win = np.stack([arr[o: o + seq + 1] for o in offs])
-        out.append((win[:, :-1].copy(), np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy(), win[:, 1:].copy()))
-    return out
+    """The batches the page draws from a text's bytes (hosts/common/samplers.mjs byteSampler), in Python."""
+    return window_batches(np.frombuffer(data, dtype=np.uint8), batch, seq, seed, n)
 
 
 # The pages one Chromium session drives, in order (the screenshot is of the first).
