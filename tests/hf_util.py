@@ -16,6 +16,26 @@ SPECIAL = "<|endoftext|>"
 # vocab 300 (not a multiple of 64): 256 bytes, the special token and 43 merges
 SHAPE = dict(n_embd=32, n_head=4, n_layer=2, n_positions=32, vocab_size=300)
 
+# Text the byte-level BPE must split exactly as Python's `tokenizers` does: accents, CJK, emoji
+# (4-byte UTF-8, with a skin-tone modifier), a ligature, no-break and zero-width spaces, runs of
+# spaces, tabs and newlines, contractions and digits, and the special token inside and around words.
+TRICKY = [
+    "héllo wörld — naïve café 東京 😀👍🏽 ﬁ",
+    "  leading spaces\n\n\n   and   runs\t\ttabs  \n",
+    "a<|endoftext|>b <|endoftext|> c<|endoftext|><|endoftext|>\n<|endoftext|",
+    "it's don't I'M we'll 123 4567 3.14",
+    "def f(x):\n    return x**2  # square\n",
+    "\u200b\u00a0nbsp\u3000ideographic",
+    " ",
+    "",
+]
+
+
+def tricky_text() -> bytes:
+    """A training text for the hosts: a byte-order mark (Python's "utf-8" keeps it), TRICKY, the
+    page's corpus three times, and invalid UTF-8 (replaced by U+FFFD, as Python reads it)."""
+    return ("\ufeff" + "".join(TRICKY) + CORPUS.read_text() * 3).encode() + b"\xff\xfe invalid UTF-8 \xe6\x9d\n"
+
 
 def make_hf_folder(folder: Path, shape: dict = SHAPE, seed: int = 0) -> Path:
     import tokenizers

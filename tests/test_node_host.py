@@ -333,20 +333,7 @@ def test_clipping_matches_python_ort(node_host, tiny_index, batch_file):
 
 
 # ------------------------------------------------------------------ Hugging Face tokenizer
-# Text the byte-level BPE must split exactly as Python's `tokenizers` does: accents, CJK, emoji
-# (4-byte UTF-8, with a skin-tone modifier), a ligature, no-break and zero-width spaces, runs of
-# spaces, tabs and newlines, contractions and digits, and the special token inside and around words.
-TRICKY = [
-    "héllo wörld — naïve café 東京 😀👍🏽 ﬁ",
-    "  leading spaces\n\n\n   and   runs\t\ttabs  \n",
-    "a<|endoftext|>b <|endoftext|> c<|endoftext|><|endoftext|>\n<|endoftext|",
-    "it's don't I'M we'll 123 4567 3.14",
-    "def f(x):\n    return x**2  # square\n",
-    "\u200b\u00a0nbsp\u3000ideographic",
-    " ",
-    "",
-]
-
+from tests.hf_util import TRICKY, tricky_text  # noqa: E402
 TOKENIZE_SCRIPT = """
 import { readFileSync } from 'node:fs';
 import { loadArtifacts, loadTokenizer } from './gpt2train.mjs';
@@ -396,13 +383,12 @@ def test_hf_text_training_matches_python_ort(node_host, tiny_hf, tmp_path):
     from tests.host_util import window_batches
 
     text = tmp_path / "text.txt"
-    raw = ("\ufeff" + "".join(TRICKY) + (ROOT / "hosts" / "web" / "corpus.txt").read_text() * 3).encode()
-    text.write_bytes(raw + b"\xff\xfe invalid UTF-8 \xe6\x9d\n")  # a BOM kept, invalid bytes replaced: as Python reads it
+    text.write_bytes(tricky_text())
     steps, batch, seq, seed, lr = 5, 2, 16, 7, 3e-3
     r = run_node("--artifacts", tiny_hf, "--data", text, "--steps", steps, "--batch", batch, "--seq", seq,
                  "--seed", seed, "--lr", lr)
     ids = load_tokenizer(load_artifacts(tiny_hf)).encode(text.read_bytes().decode("utf-8", errors="replace"))
-    assert f"{len(raw) + 20} bytes, {len(ids)} tokens (huggingface tokenizer.json)" in r.stdout, r.stdout
+    assert f"{len(tricky_text())} bytes, {len(ids)} tokens (huggingface tokenizer.json)" in r.stdout, r.stdout
     node_losses = losses_of(r.stdout)
     rt = runtimes.load(tiny_hf, runtime="ort")
     cfg = rt.art.config
