@@ -27,6 +27,7 @@ import runtimes
 from runtimes.data import dense_labels, encode, fixed_batches
 from tests.hf_util import tricky_text
 from tests.host_util import mulberry32, window_batches
+from tests.test_transformersjs import node  # noqa: F401  (fixture: transformers.js installed)
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "hosts" / "web"
@@ -329,6 +330,23 @@ def test_web_export_weights(web_runs, tiny_index, tmp_path):
     )
     assert proc.returncode == 0, f"runtimes export --hf refused the page's export:\n{proc.stdout}\n{proc.stderr}"
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+def test_web_export_becomes_a_transformersjs_folder(web_runs, tiny_index, node, tmp_path, capsys):
+    """What the READMEs say of the page's Export: `runtimes export --weights weights.safetensors
+    --artifacts ART --onnx DIR` makes a folder transformers.js loads from disk, whose greedy ids are
+    runtimes.sample's on the page's weights."""
+    from safetensors.numpy import load_file
+
+    from runtimes.artifacts import load_artifacts
+    from tests.test_transformersjs import export, ours, transformersjs_generate
+
+    _, result = web_runs["main"]
+    assert result["error"] is None, result["error"]
+    out = export(capsys, tmp_path / "tjs", "--weights", result["exportPath"], "--artifacts", str(tiny_index))
+    got = transformersjs_generate(node, out, PROMPT)
+    prompt, new = ours(load_artifacts(tiny_index), load_file(result["exportPath"]), PROMPT)
+    assert got["ids"] == prompt + new
 
 
 def test_web_text_mode_batches_match_python(web_runs, tiny_index):
