@@ -422,3 +422,32 @@ def test_error_text_too_short_in_tokens(node_host, tiny_hf, tmp_path):
     text.write_text("the the the the")  # 15 bytes, 5 tokens: enough bytes, too few tokens
     _expect_error(run_node("--artifacts", tiny_hf, "--data", text, "--steps", 1, "--seq", 8, check=False),
                   "the text holds 5 tokens", "T+1 = 9")
+
+
+def _with_tokenizer_file(art: Path, content: bytes) -> None:
+    """Replace art's tokenizer.json, recording its new hash in the manifest (the file is then intact but not a tokenizer)."""
+    import hashlib
+
+    (art / "tokenizer.json").write_bytes(content)
+    m = json.loads((art / "manifest.json").read_text())
+    sha = hashlib.sha256(content).hexdigest()
+    m["files"]["tokenizer.json"] = {"sha256": sha, "bytes": len(content)}
+    m["tokenizer"]["sha256"] = sha
+    (art / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("not json", "not a readable tokenizer.json"),
+    ("vocab_size", "holds 300 ids, but manifest.json's tokenizer.vocab_size says 299"),
+])
+def test_error_unusable_tokenizer(node_host, tiny_hf, tmp_path, case, needle):
+    art = _copy_artifacts(tiny_hf, tmp_path / "art")
+    if case == "not json":
+        _with_tokenizer_file(art, b'{"model": ')
+    else:
+        m = json.loads((art / "manifest.json").read_text())
+        m["tokenizer"]["vocab_size"] = 299
+        (art / "manifest.json").write_text(json.dumps(m))
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox " * 20)
+    _expect_error(run_node("--artifacts", art, "--data", text, "--steps", 1, check=False), "tokenizer.json", needle)
