@@ -136,7 +136,7 @@ TEXT_STOP_AFTER = 5
 ST_STEPS, ST_LR = 3, 3e-3
 # The Hugging Face folder's page: the text mode on tricky_text() through its tokenizer.json, then a
 # greedy sample from a prompt with a special token and non-ASCII text.
-HF_MODE = dict(batch=2, seq=16, seed=5, lr=0.003, steps=4)
+HF_MODE = dict(batch=2, seq=16, seed=5, lr=0.003, steps=4, clip=1)
 HF_PROMPT, HF_GEN = "naïve <|endoftext|>The ", 10
 
 
@@ -400,7 +400,8 @@ def test_web_hf_tokenizer_text_mode_matches_python(web_runs, tiny_hf):
     assert f"{len(tricky_text())} bytes, {len(ids)} tokens of tokenizer.json" in result["info"], result["info"]
     assert "tokenizer huggingface" in result["info"]
     batches = window_batches(ids, HF_MODE["batch"], HF_MODE["seq"], HF_MODE["seed"], HF_MODE["steps"])
-    py, rt = _python_run(tiny_hf, batches, HF_MODE["lr"])
+    py, rt = _python_run(tiny_hf, batches, HF_MODE["lr"], clip=HF_MODE["clip"])
+    assert max(rt.norms) > HF_MODE["clip"]  # clipping at work
     _compare("huggingface tokenizer, text mode", result, py)
     _check_sample(result, rt, HF_GEN, 0, tokenizer=tok, prompt=HF_PROMPT)
     assert tok.token_to_id("<|endoftext|>") in result["sample"]["tokens"]
