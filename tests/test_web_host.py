@@ -198,14 +198,14 @@ def web_runs(web_tooling, tiny_index, tiny_dense, tiny_hf, tmp_path_factory):
     server = Server(web_tooling, arts, data)
     try:
         shot, exported = root / "web-host.png", root / "exported.safetensors"
-        cmd = [web_tooling, str(WEB / "drive.mjs"), "--screenshot", str(shot), "--timeout", "60"]
+        cmd = [web_tooling, str(WEB / "drive.mjs"), "--screenshot", str(shot), "--timeout", "120"]
         for name, (_, query) in pages.items():
             cmd += ["--url", server.url + query]
             if name == "main":
                 cmd += ["--export", str(exported)]
             if name == "text":
                 cmd += ["--stop-after", str(TEXT_STOP_AFTER)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480)
     finally:
         server.close()
     # 1: some page reported an error (two of them must); anything else is a failure of the run.
