@@ -202,8 +202,12 @@ def _nonfinite(snap) -> str | None:
 
 def sample_text(rt: base.Runtime, prompt: str, n_bytes: int, temperature: float = 0.8, seed: int = 0,
                 tokenizer: ByteTokenizer | HFTokenizer | None = None) -> str:
-    """Generate ``n_bytes`` tokens (bytes, on a byte folder) after ``prompt`` with forward.onnx, sliding a
-    context-sized window; the text is the tokenizer's decoding of prompt and sample."""
+    """Generate ``n_bytes`` tokens (bytes, on a byte folder) after ``prompt`` with decoder.onnx's key/value
+    cache (runtimes/sample.py continue_ids: past the context it refills the cache from the last half
+    context); a folder built before decoder.onnx slides a context-sized window over forward.onnx.
+    The text is the tokenizer's decoding of prompt and sample."""
+    from .sample import DECODER, Decoder, continue_ids
+
     ctx = rt.art.config["context"]
     byte_level = tokenizer is None or tokenizer.kind == "bytes"
     if byte_level:
@@ -211,13 +215,16 @@ def sample_text(rt: base.Runtime, prompt: str, n_bytes: int, temperature: float 
     else:  # ids past the tokenizer's vocab (padding rows of the embedding) decode to nothing: never drawn
         ids = [int(i) for i in tokenizer.encode(prompt or "\n")]
         limit = tokenizer.vocab_size
-    rng = np.random.default_rng(seed)
-    for _ in range(n_bytes):
-        window = np.array(ids[-ctx:], dtype=np.int64)[None, :]
-        pos = np.arange(window.shape[1], dtype=np.int64)[None, :]
-        logits = rt.logits(window, pos)[0, -1, :limit].astype(np.float64) / temperature
-        p = np.exp(logits - logits.max())
-        ids.append(int(rng.choice(len(p), p=p / p.sum())))
+    if DECODER in rt.art.manifest["files"]:
+        ids += continue_ids(Decoder(rt.art, rt.parameters(), rt.threads), ids, n_bytes, temperature, seed, limit)
+    else:
+        rng = np.random.default_rng(seed)
+        for _ in range(n_bytes):
+            window = np.array(ids[-ctx:], dtype=np.int64)[None, :]
+            pos = np.arange(window.shape[1], dtype=np.int64)[None, :]
+            logits = rt.logits(window, pos)[0, -1, :limit].astype(np.float64) / temperature
+            p = np.exp(logits - logits.max())
+            ids.append(int(rng.choice(len(p), p=p / p.sum())))
     return decode(np.array(ids, dtype=np.uint8)) if byte_level else tokenizer.decode(ids)
 
 
