@@ -39,6 +39,7 @@ from .decoder import build_decoder
 from .init import init_weights
 from .model import build_forward_logits, build_forward_loss
 from .in_place import parameters_updatable_in_place
+from .recompute import recompute_attention as recompute_attention_pass
 from .ort_training_set import training_set_available, write_training_set
 from .train_step import build_apply_step, build_grad_step, build_train_step
 
@@ -77,12 +78,15 @@ def check_out_folder(out: Path, force: bool = False) -> None:
     check_out_folder_of(out, ARTIFACT_FOLDER, force)
 
 
-def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, imported=None) -> dict:
+def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, imported=None,
+                    recompute_attention: bool = False) -> dict:
     """Build every artifact for ``cfg`` into ``out``; returns the manifest.
 
     ``imported`` (an hf_import.Imported) supplies the weights, the files to copy
     in (the tokenizer) and the manifest's ``source`` and ``tokenizer``; without
-    it the weights are the LCG init and the tokenizer is bytes.
+    it the weights are the LCG init and the tokenizer is bytes. ``recompute_attention``:
+    the step graphs recompute the attention probabilities in the backward
+    (graphgen/recompute.py); the same numbers, less memory, more work.
     Raises OutputFolderError, before any work, when ``out`` may not be replaced
     (see check_out_folder) or its parent cannot be written."""
     out = Path(os.path.abspath(out))  # "." and "..": the folder they name, not an empty name
@@ -110,10 +114,11 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
         _save(build_decoder(cfg), tmp / "decoder.onnx")
         log(f"decoder.onnx ({time.perf_counter() - t0:.1f}s)")
 
-        _save(build_train_step(build_forward_loss(cfg), list(weights)), tmp / "train_step.onnx")
+        recompute = recompute_attention_pass if recompute_attention else (lambda m: m)
+        _save(recompute(build_train_step(build_forward_loss(cfg), list(weights))), tmp / "train_step.onnx")
         log(f"train_step.onnx ({time.perf_counter() - t0:.1f}s)")
 
-        _save(build_grad_step(build_forward_loss(cfg), list(weights)), tmp / "grad_step.onnx")
+        _save(recompute(build_grad_step(build_forward_loss(cfg), list(weights))), tmp / "grad_step.onnx")
         _save(build_apply_step(build_forward_loss(cfg), list(weights)), tmp / "apply_step.onnx")
         log(f"grad_step.onnx, apply_step.onnx ({time.perf_counter() - t0:.1f}s)")
 
@@ -131,7 +136,8 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
 
         in_place = all(parameters_updatable_in_place(onnx.load(str(tmp / f)), list(weights), new_name)
                        for f in ("train_step.onnx", "apply_step.onnx"))
-        manifest = _manifest(cfg, tmp, source, tokenizer, training_files, in_place)
+        manifest = _manifest(cfg, tmp, source, tokenizer, training_files, in_place,
+                             ["attention"] if recompute_attention else [])
         with open(tmp / "manifest.json", "w") as f:
             json.dump(manifest, f, indent=1)
         for p in tmp.iterdir():
@@ -145,7 +151,7 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
 
 
 def _manifest(cfg: GPT2Config, folder: Path, source: dict, tokenizer: dict, training_files: list[str],
-              in_place: bool) -> dict:
+              in_place: bool, recompute: list[str]) -> dict:
     model_files = sorted(p.name for p in folder.glob("*.onnx"))
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
     return {
@@ -178,6 +184,9 @@ def _manifest(cfg: GPT2Config, folder: Path, source: dict, tokenizer: dict, trai
             # view of it) is an ancestor of the node writing its new.* output, so a runner may
             # bind new.<p> to <p>'s own buffer (graphgen/in_place.py checked the graphs written)
             "in_place": in_place,
+            # what the backward of train_step.onnx and grad_step.onnx recomputes instead of
+            # keeping from the forward (build --recompute-attention): ["attention"] or []
+            "recompute": recompute,
         },
         "models": {name: _model_io(folder / name) for name in model_files},
         "files": {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size} for name in files},
