@@ -68,6 +68,13 @@ $(WEBSTAMP): hosts/web/package-lock.json
 web: artifacts/tiny/manifest.json $(WEBSTAMP)
 	node hosts/web/serve.mjs --artifacts artifacts --port $(WEBPORT)
 
+# The Node host's onnxruntime-node (CPU binaries ship in the package: no install-time download); npm writes this file.
+NODESTAMP := hosts/node/node_modules/.package-lock.json
+
+$(NODESTAMP): hosts/node/package-lock.json
+	cd hosts/node && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
+	touch $@
+
 TJSSTAMP := tests/transformersjs/node_modules/.installed
 
 # transformers.js for tests/test_transformersjs.py; no install scripts: onnxruntime-node ships its CPU
@@ -77,7 +84,7 @@ $(TJSSTAMP): tests/transformersjs/package-lock.json
 	touch $@
 
 # Debian's chromium for the headless browser test, and clang for tinygrad's CPU backend (each only if missing).
-test: $(STAMP) $(ORTSTAMP) $(ENGSTAMP) $(WEBSTAMP) $(TJSSTAMP)
+test: $(STAMP) $(ORTSTAMP) $(ENGSTAMP) $(WEBSTAMP) $(NODESTAMP) $(TJSSTAMP)
 	sh scripts/install_debian.sh /usr/bin/chromium chromium fonts-dejavu-core
 	sh scripts/install_debian.sh clang clang
 	$(VPY) -m pytest -q
@@ -87,9 +94,9 @@ soak: $(STAMP)
 	$(VPY) -m pytest -m soak -s tests/test_soak.py
 
 # Step time, tokens/s, peak RSS and GFLOP/s of each runtime against PyTorch eager, interleaved in one run.
-# QUICK=1: small only. DEVICE=cuda, THREADS=N, BENCH_CONFIGS=small,mid,gpt2.
+# QUICK=1: small only. DEVICE=cuda, THREADS=N, BENCH_CONFIGS=small,mid,gpt2, RECOMPUTE=1 (build --recompute-attention).
 bench: $(STAMP)
-	$(VPY) -m bench.run $(if $(QUICK),--quick) $(if $(DEVICE),--device $(DEVICE)) $(if $(THREADS),--threads $(THREADS)) $(if $(BENCH_CONFIGS),--configs $(BENCH_CONFIGS))
+	$(VPY) -m bench.run $(if $(QUICK),--quick) $(if $(RECOMPUTE),--recompute-attention) $(if $(DEVICE),--device $(DEVICE)) $(if $(THREADS),--threads $(THREADS)) $(if $(BENCH_CONFIGS),--configs $(BENCH_CONFIGS))
 
 parity: $(STAMP) $(ORTSTAMP)
 	$(VPY) -m pytest -q -s tests/test_parity.py

@@ -1,6 +1,6 @@
 """One benchmark participant in its own process, driven over stdin/stdout (JSON lines).
 
-    python -m bench.worker --kind ort|ort-training|openvino|torch|torch-sdpa|sgemm \
+    python -m bench.worker --kind ort|ort-split|ort-training|openvino|torch|torch-sdpa|sgemm \
         --artifacts DIR --batch B --seq T --threads N [--device cpu|cuda]
 
 The worker loads its model, answers ``{"ready": ...}``, then runs one timed
@@ -22,7 +22,7 @@ import resource
 import sys
 import time
 
-KINDS = ("ort", "ort-training", "openvino", "torch", "torch-sdpa", "sgemm", "check")
+KINDS = ("ort", "ort-split", "ort-training", "openvino", "torch", "torch-sdpa", "sgemm", "check")
 N_BATCHES = 4
 LR = 1e-4
 SGEMM_N = 2048
@@ -60,7 +60,12 @@ class _Ort:
         sys.modules.setdefault("torch", None)
         import runtimes
 
-        self.rt = runtimes.load(a.artifacts, runtime=a.kind, device=a.device, threads=a.threads, verify=False)
+        # ort-split: the `ort` runtime through grad_step.onnx + apply_step.onnx, the path of
+        # --accumulate and data parallel, with the whole batch as one micro-batch: its cost
+        # next to the single train_step graph's (two sessions, gradients through the host).
+        self.split = a.kind == "ort-split"
+        self.rt = runtimes.load(a.artifacts, runtime="ort" if self.split else a.kind, device=a.device,
+                                threads=a.threads, verify=False)
         cfg = self.rt.art.config
         self.hp_args = dict(beta1=cfg["beta1"], beta2=cfg["beta2"], eps=cfg["eps"], weight_decay=cfg["weight_decay"])
         self.data = batches(cfg["vocab"], a.batch, a.seq)
@@ -69,6 +74,8 @@ class _Ort:
     def step(self, i: int) -> float:
         tok, pos, lab = self.data[i % N_BATCHES]
         hp = self.make_hp(LR, step=self.rt.step_count + 1, **self.hp_args)
+        if self.split:
+            return self.rt.step_accumulated([(tok, pos, lab)], hp)
         return self.rt.step(tok, pos, lab, hp)
 
 
@@ -162,7 +169,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     try:
-        runner = {"ort": _Ort, "ort-training": _Ort, "openvino": _Ort, "torch": _Torch, "torch-sdpa": _Torch, "sgemm": _Sgemm,
+        runner = {"ort": _Ort, "ort-split": _Ort, "ort-training": _Ort, "openvino": _Ort, "torch": _Torch, "torch-sdpa": _Torch, "sgemm": _Sgemm,
                   "check": _Check}[a.kind](a)
     except Exception as e:  # reported to the driver, which prints it and carries on without this participant
         send({"ready": False, "error": f"{type(e).__name__}: {e}"})

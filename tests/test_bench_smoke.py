@@ -27,7 +27,7 @@ def test_bench_runs_tiny_and_reports(tiny_index, tmp_path, capsys):
     arts.mkdir()
     (arts / "tiny").symlink_to(tiny_index, target_is_directory=True)
     out = tmp_path / "bench.json"
-    rc = run.main(["--configs", "tiny", "--rounds", "2", "--burst", "2", "--threads", "1", "--runtimes", "ort,torch",
+    rc = run.main(["--configs", "tiny", "--rounds", "2", "--burst", "2", "--threads", "1", "--runtimes", "ort,ort-split,torch",
                    "--artifacts-dir", str(arts), "--reuse", "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
@@ -38,7 +38,7 @@ def test_bench_runs_tiny_and_reports(tiny_index, tmp_path, capsys):
     # the batched baseline agrees with the oracle at init
     chk = res["oracle_check"]
     assert chk["max_rel_diff"] < 1e-4 and math.isfinite(chk["losses"]["oracle"])
-    assert set(res["participants"]) == {"ort", "torch"}
+    assert set(res["participants"]) == {"ort", "ort-split", "torch"}
     for kind, p in res["participants"].items():
         # 2 rounds of 2 back-to-back steps: the first of each is a re-warm, the second timed
         assert len(p["times_ms"]) == 2 and all(t > 0 for t in p["times_ms"]) and len(p["rewarm_ms"]) == 2
@@ -66,3 +66,27 @@ def test_bad_options_stop_before_anything_runs(args, message, tmp_path, capsys):
         run.main(args + ["--artifacts-dir", str(tmp_path / "never"), "--json", str(tmp_path / "never.json")])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "never").exists() and not (tmp_path / "never.json").exists()
+
+
+def test_bench_hosts_runs_node_and_the_page(tiny_index, tmp_path):
+    """python -m bench.hosts at tiny for three steps: a row per host with the page's backend
+    and positive rates (the page and Node on the same artifacts and batch shape)."""
+    import shutil
+
+    from bench import hosts
+
+    if shutil.which("node") is None or not hosts.CHROMIUM.exists():
+        pytest.fail("bench.hosts needs node and /usr/bin/chromium, which make test installs")
+    for folder in (hosts.WEB, hosts.NODE_TRAIN.parent):
+        if not (folder / "node_modules").is_dir():
+            pytest.fail(f"{folder} has no node_modules: make test runs npm ci there first")
+    arts = tmp_path / "arts"
+    arts.mkdir()
+    (arts / "tiny").symlink_to(tiny_index, target_is_directory=True)
+    out = tmp_path / "hosts.json"
+    assert hosts.main(["--configs", "tiny", "--steps", "3", "--threads", "1", "--artifacts-dir", str(arts),
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["host"], r["backend"]) for r in rows] == [("node", "onnxruntime-node x1"), ("page", "wasm ×1")]
+    for r in rows:
+        assert len(r["step_ms"]) == (2 if r["host"] == "node" else 3) and r["tokens_per_s"] > 0

@@ -8,11 +8,16 @@
 //   clip=C                      global gradient-norm clipping before AdamW (0: off; default 1 in the text mode,
 //                               0 with batches=, whose file carries no threshold)
 //   ep=auto|wasm|webgpu         execution provider (auto: WebGPU when an adapter exists and the session starts)
-//   threads=N                   wasm threads (default: half the cores, at most 4, when the page is cross-origin
-//                               isolated; else 1)
+//   placements=1                (with WebGPU) record which ops run on wasm in window.placements; verbose logging
+//   threads=N                   wasm threads (default: every core, navigator.hardwareConcurrency, when the page
+//                               is cross-origin isolated; else 1)
 //   prompt="The " gen=200 temperature=0 sample_seed=0   text generated after training (temperature 0: greedy)
 //
-// For tests: window.trainLog = [{step, loss, grad_norm}], window.trainDone (true once training stopped and the
+// The text mode trains on the text's bytes, or, where the manifest's tokenizer is "huggingface", on the ids
+// of the folder's tokenizer.json (hosts/common/tokenizer.mjs with @huggingface/tokenizers, served at
+// /tokenizers/); the sample's prompt is encoded and its tokens decoded the same way.
+//
+// For tests: window.trainLog = [{step, loss, grad_norm, ms}], window.trainDone (true once training stopped and the
 // sample is shown), window.sample = {tokens, promptLength, text}, window.trainError (message) on failure,
 // window.exportWeights() -> the bytes the Export button downloads (weights.safetensors; null before step 1).
 //
@@ -26,8 +31,10 @@ import {
 import { checkAdamW, checkClip, makeHp } from '/hosts/common/hp.mjs';
 import { weightsFor } from '/hosts/common/manifest.mjs';
 import { encodeSafetensors, parseSafetensors } from '/hosts/common/safetensors.mjs';
-import { byteSampler, mulberry32 } from '/hosts/common/samplers.mjs';
-import { argmax, checkFile, readManifest, sampleLogits, sha256Hex } from './lib.mjs';
+import { byteSampler, mulberry32, tokenSampler } from '/hosts/common/samplers.mjs';
+import { TOKENIZER_FILE, decodeText, makeTokenizer } from '/hosts/common/tokenizer.mjs';
+import { Tokenizer } from '/tokenizers/tokenizers.min.mjs';
+import { argmax, checkFile, parsePlacements, readManifest, sampleLogits, sha256Hex } from './lib.mjs';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -38,6 +45,7 @@ window.trainDone = false;
 window.trainError = null;
 window.sample = null;
 window.exportWeights = () => null; // replaced once the trainer exists
+window.placements = null; // with ?placements=1 and WebGPU: {provider: {opType: count}} of train_step.onnx
 
 // ------------------------------------------------------------------ URL parameters and files
 function intParam(name, dflt, lo, hi) {
@@ -89,7 +97,7 @@ function adamw(config, lr) {
  * The training data: exactly the batches of ?batches=, or random windows of a text.
  * Returns {next(i) -> batch i, totalSteps, batch, seq, hp, clip, note}.
  */
-async function loadData(config) {
+async function loadData(config, tok) {
   const batchesUrl = params.get('batches');
   if (batchesUrl) {
     ui.status(`loading batches ${batchesUrl} …`);
@@ -115,7 +123,14 @@ async function loadData(config) {
   const steps = intParam('steps', 0, 0, 1e9); // 0: until Stop
   const hp = adamw(config, numParam('lr', 1e-3, (v) => v >= 0, 'a number >= 0'));
   const clip = checkClip(numParam('clip', 1, (v) => v >= 0, 'a number >= 0'));
-  const draw = byteSampler(text, batch, seq, seed);
+  let draw, what = `${text.length} bytes`;
+  if (tok.kind === 'bytes') {
+    draw = byteSampler(text, batch, seq, seed);
+  } else {
+    const ids = tok.encode(decodeText(text));
+    draw = tokenSampler(ids, batch, seq, seed);
+    what += `, ${ids.length} tokens of ${TOKENIZER_FILE}`;
+  }
   return {
     next: () => draw(),
     totalSteps: steps > 0 ? steps : Infinity,
@@ -123,7 +138,7 @@ async function loadData(config) {
     seq,
     hp,
     clip,
-    note: `random ${batch}x${seq} windows of ${corpusUrl} (${text.length} bytes, seed ${seed})`,
+    note: `random ${batch}x${seq} windows of ${corpusUrl} (${what}, seed ${seed})`,
   };
 }
 
@@ -138,11 +153,19 @@ function sampleOptions() {
 }
 
 // ------------------------------------------------------------------ model
-/** manifest.json of the artifact folder, checked: {base, config, plist, files}. */
+/** manifest.json of the artifact folder, checked: {base, config, plist, files, tokenizer (its entry)}. */
 async function loadManifest(base) {
   ui.status(`loading ${base}/manifest.json …`);
-  const { config, params: plist, files } = readManifest(await (await fetchOk(`${base}/manifest.json`)).json(), `${base}/manifest.json`);
-  return { base, config, plist, files };
+  const { config, params: plist, files, tokenizer } = readManifest(await (await fetchOk(`${base}/manifest.json`)).json(), `${base}/manifest.json`);
+  return { base, config, plist, files, tokenizer };
+}
+
+/** The folder's tokenizer (hosts/common/tokenizer.mjs): bytes, or its tokenizer.json, verified first. */
+async function loadTokenizer({ base, files, tokenizer }) {
+  if (tokenizer.kind === 'bytes') return makeTokenizer(tokenizer);
+  ui.status(`loading ${base}/${TOKENIZER_FILE} …`);
+  const json = await verified(base, TOKENIZER_FILE, files);
+  return makeTokenizer(tokenizer, { json, Tokenizer, where: `${base}/${TOKENIZER_FILE}` });
 }
 
 /** The initial weights and a train_step.onnx session, both verified against the manifest:
@@ -166,8 +189,10 @@ async function openModel(manifest) {
 }
 
 /**
- * `n` bytes generated by forward.onnx (verified and opened on first use) from parameters
- * `weights` (tensors in manifest order), greedy or sampled. Returns {tokens, promptLength}.
+ * `n` tokens (bytes, on a byte folder) generated by forward.onnx (verified and opened on first use)
+ * from parameters `weights` (tensors in manifest order), greedy or sampled; the prompt is encoded by
+ * the folder's tokenizer, whose ids alone are drawn (the embedding may have padding rows beyond them,
+ * which decode to nothing), as runtimes train's sample does. Returns {tokens, promptLength}.
  */
 async function generate(model, weights, { prompt, n, temperature, rand }) {
   const { ort } = model.rt;
@@ -176,9 +201,11 @@ async function generate(model, weights, { prompt, n, temperature, rand }) {
     const fwdBytes = await verified(model.base, 'forward.onnx', model.files);
     model.forward = await ort.InferenceSession.create(fwdBytes, model.rt.options);
   }
-  const tokens = Array.from(new TextEncoder().encode(prompt));
-  if (tokens.length === 0) tokens.push(10); // start from a newline when the prompt is empty
+  const { tok } = model;
+  const tokens = tok.encode(prompt);
+  if (tokens.length === 0) tokens.push(...tok.encode('\n')); // start from a newline when the prompt is empty
   const promptLength = tokens.length;
+  const limit = tok.kind === 'bytes' ? V : tok.vocabSize;
   for (let i = 0; i < n; i++) {
     const ctx = tokens.slice(-C);
     const feeds = {};
@@ -189,8 +216,8 @@ async function generate(model, weights, { prompt, n, temperature, rand }) {
     if (i % 16 === 15) await yieldToBrowser();
     const start = (ctx.length - 1) * V;
     tokens.push(temperature === 0
-      ? argmax(logits.data, start, start + V)
-      : sampleLogits(logits.data, start, start + V, temperature, rand()));
+      ? argmax(logits.data, start, start + limit)
+      : sampleLogits(logits.data, start, start + limit, temperature, rand()));
   }
   return { tokens, promptLength };
 }
@@ -205,26 +232,60 @@ async function webgpuUsable() {
   }
 }
 
+/**
+ * Run `create` (a session creation) with onnxruntime's verbose log captured rather than printed,
+ * and publish which provider runs which op as window.placements ({provider: {opType: count}}):
+ * with ?placements=1 the page lists the train_step ops WebGPU leaves to wasm. The log level
+ * is process-wide in onnxruntime-web, so every later run logs verbosely too: a diagnostic mode.
+ */
+async function withPlacements(create) {
+  const lines = [];
+  const saved = {};
+  for (const k of ['log', 'info', 'warn', 'error', 'debug']) {
+    saved[k] = console[k];
+    console[k] = (...a) => { lines.push(a.join(' ')); };
+  }
+  let session;
+  try {
+    session = await create();
+  } finally {
+    Object.assign(console, saved);
+  }
+  window.placements = parsePlacements(lines);
+  const onWasm = Object.entries(window.placements.CPUExecutionProvider || {}).map(([op, n]) => `${op} ×${n}`);
+  console.info(`train_step ops on wasm: ${onWasm.join(', ') || 'none'}`);
+  for (const k of ['log', 'info', 'debug']) console[k] = () => {}; // the per-run verbose flood
+  return session;
+}
+
 /** Import onnxruntime-web and create the train_step session: WebGPU if asked/available, else wasm. */
 async function startOrt(modelBytes, epParam) {
   if (!['auto', 'wasm', 'webgpu'].includes(epParam)) throw new Error(`?ep=${epParam}: expected auto, wasm or webgpu`);
   const tryGpu = epParam === 'webgpu' || (epParam === 'auto' && (await webgpuUsable()));
   if (epParam === 'webgpu' && !tryGpu) throw new Error('?ep=webgpu, but this browser has no usable WebGPU adapter');
-  // ort.min.mjs carries the WebGPU and wasm EPs; ort.wasm.min.mjs (smaller) only wasm.
-  const ort = await import(ORT_BASE + (tryGpu ? 'ort.min.mjs' : 'ort.wasm.min.mjs'));
+  // ort.webgpu.min.mjs: onnxruntime's native WebGPU provider (and wasm). Not ort.min.mjs, whose
+  // older JavaScript WebGPU provider (JSEP) computes train_step.onnx wrong in onnxruntime-web
+  // 1.30: its position-embedding Gather returns wpe's last element everywhere (forward.onnx
+  // alone is right), 0.14% off in the first loss and 24% in the gradient norm.
+  // ort.wasm.min.mjs (smaller) carries only wasm.
+  const ort = await import(ORT_BASE + (tryGpu ? 'ort.webgpu.min.mjs' : 'ort.wasm.min.mjs'));
   const isolated = globalThis.crossOriginIsolated === true;
-  // Half the cores (at most 4) leave room for the page and the rest of the machine.
-  const maxThreads = isolated ? Math.max(1, Math.min(4, Math.floor((navigator.hardwareConcurrency || 1) / 2))) : 1;
+  // Every core: a training tab is the machine's work while it runs (?threads=N to leave room).
+  const maxThreads = isolated ? Math.max(1, navigator.hardwareConcurrency || 1) : 1;
   const threads = intParam('threads', maxThreads, 1, 64);
   if (threads > 1 && !isolated) throw new Error(`?threads=${threads} needs a cross-origin isolated page (COOP/COEP headers; serve.mjs sends them)`);
   ort.env.wasm.numThreads = threads;
   ort.env.wasm.wasmPaths = ORT_BASE;
-  ort.env.logLevel = 'warning';
+  const placements = params.get('placements') === '1';
+  ort.env.logLevel = placements ? 'verbose' : 'warning';
   const options = { graphOptimizationLevel: 'all', executionMode: 'sequential' };
   if (tryGpu) {
     try {
-      const session = await ort.InferenceSession.create(modelBytes, { ...options, executionProviders: ['webgpu', 'wasm'] });
-      return { ort, session, ep: 'webgpu', threads, options: { ...options, executionProviders: ['webgpu', 'wasm'] } };
+      const gpuOptions = { ...options, executionProviders: ['webgpu', 'wasm'] };
+      const session = placements
+        ? await withPlacements(() => ort.InferenceSession.create(modelBytes, { ...gpuOptions, logSeverityLevel: 0, logVerbosityLevel: 0 }))
+        : await ort.InferenceSession.create(modelBytes, gpuOptions);
+      return { ort, session, ep: 'webgpu', threads, options: gpuOptions };
     } catch (e) {
       if (epParam === 'webgpu') throw e;
       console.warn(`WebGPU session failed, falling back to wasm: ${e.message}`);
@@ -433,6 +494,7 @@ function showSetup(model, data) {
   $('backend').textContent = `${rt.ep}${rt.ep === 'wasm' ? ` ×${rt.threads}` : ''}`;
   $('info').textContent =
     `${base}: d_model ${config.d_model}, ${config.n_layers} layers, context ${config.context}, vocab ${config.vocab}, ` +
+    `tokenizer ${model.tok.kind}, ` +
     `${(nParams / 1e6).toFixed(2)}M parameters, ${config.labels} labels · data: ${data.note} · ` +
     `lr ${hp.lr}, betas (${hp.beta1}, ${hp.beta2}), eps ${hp.eps}, wd ${hp.weight_decay}, ` +
     `clip ${clip > 0 && clip < Infinity ? clip : 'off'} · ` +
@@ -450,16 +512,16 @@ function showStats(trainer, loss) {
 }
 
 /** The generated text (the prompt highlighted) and window.sample. */
-function showSample({ tokens, promptLength }, step, { n, temperature }) {
-  const decoder = new TextDecoder('utf-8');
-  const text = decoder.decode(new Uint8Array(tokens));
+function showSample({ tokens, promptLength }, step, { n, temperature }, tok) {
+  const text = tok.decode(tokens);
   const sampleEl = $('sample');
   sampleEl.textContent = '';
   const head = document.createElement('span');
   head.className = 'prompt';
-  head.textContent = decoder.decode(new Uint8Array(tokens.slice(0, promptLength)));
-  sampleEl.append(head, decoder.decode(new Uint8Array(tokens.slice(promptLength))));
-  $('sample-info').textContent = `${n} bytes after step ${step}, ${temperature === 0 ? 'greedy' : `temperature ${temperature}`}, forward.onnx`;
+  head.textContent = tok.decode(tokens.slice(0, promptLength));
+  sampleEl.append(head, tok.decode(tokens.slice(promptLength)));
+  const unit = tok.kind === 'bytes' ? 'bytes' : `tokens (${TOKENIZER_FILE})`;
+  $('sample-info').textContent = `${n} ${unit} after step ${step}, ${temperature === 0 ? 'greedy' : `temperature ${temperature}`}, forward.onnx`;
   window.sample = { tokens, promptLength, text, step, temperature };
 }
 
@@ -479,8 +541,9 @@ function wireButton(trainer) {
       while (running && trainer.step < data.totalSteps) {
         const t0 = performance.now();
         const loss = await trainer.trainStep();
-        trainer.trainMs += performance.now() - t0;
-        window.trainLog.push({ step: trainer.step, loss, grad_norm: trainer.gradNorm });
+        const ms = performance.now() - t0;
+        trainer.trainMs += ms;
+        window.trainLog.push({ step: trainer.step, loss, grad_norm: trainer.gradNorm, ms });
         showStats(trainer, loss);
         await yieldToBrowser();
       }
@@ -489,7 +552,7 @@ function wireButton(trainer) {
       ui.button.classList.remove('stop');
       ui.status(`stopped after step ${trainer.step}; generating a sample …`);
       const options = sampleOptions();
-      showSample(await generate(model, trainer.tensors(), options), trainer.step, options);
+      showSample(await generate(model, trainer.tensors(), options), trainer.step, options, model.tok);
       const left = data.totalSteps - trainer.step;
       ui.button.textContent = left > 0 ? 'Start' : 'Done';
       ui.button.disabled = !(left > 0);
@@ -532,8 +595,9 @@ function wireExport(trainer) {
 async function main() {
   const base = (params.get('artifacts') || '/artifacts/tiny').replace(/\/+$/, '');
   const manifest = await loadManifest(base);
-  const data = await loadData(manifest.config);
-  const model = await openModel(manifest);
+  const tok = await loadTokenizer(manifest);
+  const data = await loadData(manifest.config, tok);
+  const model = { ...(await openModel(manifest)), tok };
   showSetup(model, data);
   const trainer = new Trainer(model, data);
   wireButton(trainer);

@@ -20,11 +20,11 @@ import { chromium } from 'playwright-core';
 
 function usage(msg) {
   if (msg) process.stderr.write(`drive.mjs: ${msg}\n`);
-  process.stderr.write('usage: node hosts/web/drive.mjs --url URL [--stop-after N] [--export PATH] [--url URL ...] [--screenshot PATH] [--timeout SECONDS] [--chromium PATH]\n');
+  process.stderr.write('usage: node hosts/web/drive.mjs --url URL [--stop-after N] [--export PATH] [--url URL ...] [--screenshot PATH] [--timeout SECONDS] [--chromium PATH] [--webgpu]\n');
   process.exit(2);
 }
 
-const opts = { urls: [], screenshot: null, timeout: 60, chromium: '/usr/bin/chromium' };
+const opts = { urls: [], screenshot: null, timeout: 60, chromium: '/usr/bin/chromium', webgpu: false };
 const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; i++) {
   const key = argv[i];
@@ -45,13 +45,17 @@ for (let i = 0; i < argv.length; i++) {
     opts.timeout = Number(val());
     if (!(opts.timeout > 0)) usage('--timeout must be a positive number of seconds');
   } else if (key === '--chromium') opts.chromium = val();
+  else if (key === '--webgpu') opts.webgpu = true;
   else usage(`unknown argument ${JSON.stringify(key)}`);
 }
 if (opts.urls.length === 0) usage('--url is required');
 
 const ARGS = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--headless', '--no-sandbox', '--disable-quic', '--no-first-run',
   '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  // --webgpu: a WebGPU adapter without a GPU, SwiftShader's (Chromium's software Vulkan);
+  // headless Chromium on Linux offers none by default. Otherwise no GPU process work at all.
+  ...(opts.webgpu ? ['--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader'] : ['--disable-gpu']),
 ];
 
 async function drivePage(page, { url, stopAfter, exportTo }, screenshot) {
@@ -95,6 +99,7 @@ async function drivePage(page, { url, stopAfter, exportTo }, screenshot) {
     tokensPerSecond: document.getElementById('tps').textContent,
     info: document.getElementById('info').textContent,
     crossOriginIsolated: window.crossOriginIsolated,
+    placements: window.placements,
     error: window.trainError,
   }));
   return { ...result, exportName };

@@ -9,13 +9,16 @@
 
 import { checkManifest } from '../common/manifest.mjs';
 import { checkSelfContained } from '../common/onnx_scan.mjs';
+import { tokenizerEntry } from '../common/tokenizer.mjs';
 
 export { checkSelfContained };
 
-/** Check manifest.json (hosts/common checkManifest) and return what the page needs from it. */
+/** Check manifest.json (hosts/common checkManifest, and its tokenizer entry: a kind the page cannot
+ *  tokenize is refused) and return what the page needs from it. */
 export function readManifest(manifest, where = 'manifest.json') {
   checkManifest(manifest, where);
-  return { config: manifest.config, params: manifest.parameters, files: manifest.files };
+  const tokenizer = tokenizerEntry(manifest, where);
+  return { config: manifest.config, params: manifest.parameters, files: manifest.files, tokenizer };
 }
 
 /**
@@ -61,4 +64,26 @@ export async function sha256Hex(bytes) {
   if (!subtle) return null;
   const digest = new Uint8Array(await subtle.digest('SHA-256', bytes));
   return Array.from(digest, (x) => x.toString(16).padStart(2, '0')).join('');
+}
+
+/**
+ * Which execution provider runs which node, from onnxruntime's verbose session log (the
+ * "Node placements" lines it prints at session creation; there is no API for it):
+ * {provider: {opType: count}}. Lines that are not placements are ignored.
+ */
+export function parsePlacements(lines) {
+  const placed = {};
+  let current = null;
+  for (const raw of lines) {
+    const line = String(raw);
+    const head = /placed on \[(\w+)\]\. Number of nodes: (\d+)/.exec(line);
+    if (head) {
+      current = placed[head[1]] = {};
+      continue;
+    }
+    const node = current && /VerifyEachNodeIsAssignedToAnEp\]\s+(\w+) \(.*\)\s*$/.exec(line);
+    if (node) current[node[1]] = (current[node[1]] || 0) + 1;
+    else if (!/VerifyEachNodeIsAssignedToAnEp/.test(line)) current = null;
+  }
+  return placed;
 }
