@@ -74,7 +74,7 @@ class _Server:
         reader.join(20)
         if not first or not first[0].startswith("http://"):
             self.close()
-            raise SystemExit(f"bench.hosts: serve.mjs did not start: {first!r}")
+            raise SystemExit(f"bench.hosts: serve.mjs did not start: {first!r} {self.proc.stderr.read()[-2000:]!r}")
         self.url = first[0].strip().split("?")[0]
 
     def close(self) -> None:
