@@ -21,7 +21,8 @@ from contract import MANIFEST_FORMAT, TRAINING_FILES  # noqa: F401  (MANIFEST_FO
 from contract.files import sha256_file  # noqa: F401
 from contract.jsonlimits import loads_limited
 from contract.manifest import artifact_folder_holding, check_structure, describe_io, read_manifest  # noqa: F401
-from contract.manifest import tokenizer_of
+from contract import BASE_FILE
+from contract.manifest import frozen_of, tokenizer_of
 
 from .errors import ArtifactError
 
@@ -42,6 +43,34 @@ class Artifacts:
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {p["name"]: tuple(p["shape"]) for p in self.manifest["parameters"]}
+
+    @property
+    def frozen_shapes(self) -> dict[str, tuple[int, ...]]:
+        """A LoRA folder's frozen inputs (the base weights), name -> shape; empty otherwise."""
+        return {p["name"]: tuple(p["shape"]) for p in frozen_of(self.manifest)}
+
+    @property
+    def lora(self) -> dict | None:
+        """The manifest's ``lora`` entry (rank, alpha, scale, targets), None for a folder without adapters."""
+        return self.manifest.get("lora")
+
+    @property
+    def base_ref(self) -> dict | None:
+        """What a LoRA checkpoint records of the base it trained on: base.safetensors' path and sha256."""
+        if self.lora is None:
+            return None
+        return {"path": str((self.folder / BASE_FILE).resolve()), "sha256": self.manifest["frozen"]["sha256"]}
+
+    def frozen_weights(self) -> dict[str, np.ndarray]:
+        """The frozen inputs' values (base.safetensors), checked against the manifest; {} without any."""
+        shapes = self.frozen_shapes
+        if not shapes:
+            return {}
+        from safetensors.numpy import load_file
+
+        weights = load_file(str(self.path(BASE_FILE)))
+        check_weights(weights, self, BASE_FILE, shapes=shapes)
+        return {n: weights[n] for n in shapes}
 
     @property
     def label_mode(self) -> str:
@@ -87,9 +116,11 @@ class Artifacts:
         return {n: weights[n] for n in self.param_names}
 
 
-def check_weights(weights: dict[str, np.ndarray], art: Artifacts, source: str, error: type = ArtifactError) -> None:
-    """Every parameter present with the manifest's shape and float32 dtype (raises ``error``)."""
-    shapes = art.param_shapes
+def check_weights(weights: dict[str, np.ndarray], art: Artifacts, source: str, error: type = ArtifactError,
+                  shapes: dict | None = None) -> None:
+    """Every parameter (or every name of ``shapes``) present with the manifest's shape and float32
+    dtype (raises ``error``)."""
+    shapes = art.param_shapes if shapes is None else shapes
     missing = [n for n in shapes if n not in weights]
     if missing:
         raise error(f"{source}: missing parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
@@ -215,6 +246,10 @@ def load_artifacts(folder: str | Path, verify: bool = True, needs: tuple[str, ..
     check_structure(mpath, manifest)
     art = Artifacts(folder, manifest)
     missing_set = [n for n in needs if n in TRAINING_FILES and n not in manifest["files"]]
+    if missing_set and manifest.get("frozen"):
+        raise ArtifactError(
+            f"{folder} is a LoRA folder (frozen base weights, format_version {manifest['format_version']}): "
+            "ONNX Runtime's training set is not built for it, so the ort-training runtime refuses it; use --runtime ort")
     if missing_set:
         raise ArtifactError(
             f"{folder} was built without ONNX Runtime's training set ({', '.join(missing_set)}): "

@@ -50,6 +50,7 @@ class Runtime:
     name = ""
     needs: tuple[str, ...] = ()  # artifact files this backend opens
     accumulates = False  # implements _step_accumulated (grad_step.onnx + apply_step.onnx)
+    frozen_inputs = False  # binds a LoRA folder's frozen inputs (base weights) and never updates them
 
     def __init__(self, art: Artifacts, device: str = "cpu", threads: int | None = None):
         self.art = art
@@ -170,6 +171,7 @@ class Runtime:
             adam_v=moments[1] if moments else None,
             native=self._native_state(),
             extra=extra or {},
+            base=self.art.base_ref,
         )
 
     def export_weights(self, path: str | Path) -> None:
@@ -220,7 +222,7 @@ class Runtime:
             self._forward = ort.InferenceSession(
                 str(self.art.path("forward.onnx")), so, providers=["CPUExecutionProvider"]
             )
-        feeds = {**dict(zip(BATCH_INPUTS, (tokens, positions))), **self.parameters()}
+        feeds = {**dict(zip(BATCH_INPUTS, (tokens, positions))), **self.art.frozen_weights(), **self.parameters()}
         return self._forward.run([LOGITS_OUTPUT], feeds)[0]
 
     # --- shared helpers -----------------------------------------------------
@@ -249,6 +251,21 @@ def mean_gradients(per_batch) -> tuple[float, dict[str, np.ndarray]]:
     for g in acc.values():
         np.divide(g, k, out=g)
     return float(np.mean(losses)), acc
+
+
+def check_base(ckpt: Checkpoint, art: Artifacts, where: str) -> None:
+    """A LoRA checkpoint resumes only on the base weights it trained (same sha256); CheckpointError otherwise."""
+    want, have = ckpt.base, art.base_ref
+    if want is None and have is None:
+        return
+    if want is None or have is None:
+        raise CheckpointError(
+            f"{where} {'holds adapters of a LoRA folder' if want else 'holds a full model'}, but {art.folder} "
+            f"{'is not a LoRA folder' if want else 'is a LoRA folder'}: resume it on the folder it was written for")
+    if want["sha256"] != have["sha256"]:
+        raise CheckpointError(
+            f"{where} trained adapters on base weights {want['path']} (sha256 {want['sha256'][:16]}...), but "
+            f"{have['path']} has sha256 {have['sha256'][:16]}...: a LoRA checkpoint resumes only on its own base")
 
 
 def _runtime_class(name: str) -> type[Runtime]:
@@ -283,6 +300,9 @@ def load(artifacts: str | Path, runtime: str = "ort-training", device: str = "cp
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads must be a positive integer or None, got {threads!r}")
     art = load_artifacts(artifacts, verify=verify, needs=cls.needs)
+    if art.lora is not None and not cls.frozen_inputs:
+        raise RuntimeUnavailable(f"{art.folder} is a LoRA folder (frozen base weights); runtime {runtime!r} does not "
+                                 f"train frozen inputs: use --runtime ort or reference")
     check_models(art)  # before any session reads a model
     return cls(art, device=device, threads=threads)
 
@@ -297,6 +317,7 @@ def resume(path: str | Path, runtime: str | None = None, device: str = "cpu",
     """
     ckpt = load_checkpoint(path)
     rt = load(artifacts or ckpt.artifacts, runtime or ckpt.runtime, device, threads)
+    check_base(ckpt, rt.art, str(path))
     if ckpt.fingerprint != rt.art.fingerprint:
         raise CheckpointError(
             f"{path} was written for another model (fingerprint {ckpt.fingerprint}) than the artifacts in "
