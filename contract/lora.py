@@ -98,6 +98,8 @@ def merge(base: dict[str, np.ndarray], adapters: dict[str, np.ndarray], cfg: dic
 
 
 PEFT_PREFIX = "base_model.model.transformer."
+# Each target's module under transformer.h.<layer> (PEFT matches a target name as a suffix of the module path).
+_MODULE = {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "mlp.c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"}
 
 
 def to_peft(adapters: dict[str, np.ndarray], cfg: dict, lora: dict) -> dict[str, np.ndarray]:
@@ -106,7 +108,7 @@ def to_peft(adapters: dict[str, np.ndarray], cfg: dict, lora: dict) -> dict[str,
     for layer in range(cfg["n_layers"]):
         for t in lora["targets"]:
             for which in ("A", "B"):
-                out[f"{PEFT_PREFIX}h.{layer}.{t}.lora_{which}.weight"] = np.ascontiguousarray(
+                out[f"{PEFT_PREFIX}h.{layer}.{_MODULE[t]}.lora_{which}.weight"] = np.ascontiguousarray(
                     adapters[lora_name(layer, t, which)], dtype=np.float32)
     return out
 

@@ -87,7 +87,9 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
     it the weights are the LCG init and the tokenizer is bytes.
     ``lora`` (contract.lora.check_lora's entry) makes a LoRA folder: those weights
     become the frozen base (base.safetensors, inputs of every model, never
-    updated), the adapters the parameters (weights.safetensors, PEFT's init), and
+    updated), the adapters the parameters (weights.safetensors, PEFT's init;
+    inputs of forward.onnx and the step graphs; decoder.onnx is the plain model,
+    which samplers and exports feed the merged weights W + B A alpha/rank), and
     the manifest is format_version 4 with ``frozen`` and ``lora``. No ONNX Runtime
     training set is written for it (the ort-training runtime refuses such a folder).
     Raises OutputFolderError, before any work, when ``out`` may not be replaced
@@ -122,7 +124,7 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
         _save(build_forward_logits(cfg, lora=lora), tmp / "forward.onnx")
         log(f"forward.onnx ({time.perf_counter() - t0:.1f}s)")
 
-        _save(build_decoder(cfg, lora=lora), tmp / "decoder.onnx")
+        _save(build_decoder(cfg), tmp / "decoder.onnx")  # a LoRA folder's too: samplers merge the adapters in
         log(f"decoder.onnx ({time.perf_counter() - t0:.1f}s)")
 
         loss_graph = build_forward_loss(cfg, lora=lora)

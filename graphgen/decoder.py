@@ -35,8 +35,8 @@ PAST, TOTAL = "past", "past+seq"  # dim names; tract reads a dim name as an expr
 
 
 class _Decoder(_Forward):
-    def __init__(self, cfg: GPT2Config, lora: dict | None = None):
-        super().__init__(cfg, with_labels=False, spelling=SPELLINGS["portable"], lora=lora)
+    def __init__(self, cfg: GPT2Config):
+        super().__init__(cfg, with_labels=False, spelling=SPELLINGS["portable"])
         self.graph.name = "gpt2_decoder"
         shape = ["batch", cfg.n_heads, PAST, cfg.d_head]
         # after the parameters, so the inputs read tokens, positions, params, caches
@@ -64,18 +64,15 @@ class _Decoder(_Forward):
         flat_b = self.const([d], np.int64)
         split = self.const([0, 0, h, dh], np.int64)
 
-        dq, dk, dv = self.qkv_deltas(x, layer)  # adapter updates, (B, T_new, d) or None
-
-        def heads(name: str, with_bias: bool, extra) -> ir.Value:
+        def heads(name: str, with_bias: bool) -> ir.Value:
             w = op.Reshape(self.p[pre + "w_" + name], flat_w)  # (d, d): head j rows j*dh..
             b = op.Reshape(self.p[pre + "b_" + name], flat_b) if with_bias else None
-            y = self.linear(x, w, b)  # (B, T_new, d)
-            y = op.Reshape(y if extra is None else op.Add(y, extra), split)  # (B, T_new, H, dh)
+            y = op.Reshape(self.linear(x, w, b), split)  # (B, T_new, H, dh)
             return op.Transpose(y, perm=[0, 2, 1, 3])  # (B, H, T_new, dh)
 
-        q = heads("q", True, dq)  # (B, H, T_new, dh)
+        q = heads("q", True)  # (B, H, T_new, dh)
         cache = {}
-        for kind, new in (("key", heads("k", True, dk)), ("value", heads("v", False, dv))):  # v: bias after attention
+        for kind, new in (("key", heads("k", True)), ("value", heads("v", False))):  # v: bias after attention
             cache[kind] = op.Concat(self.past[layer][kind], new, axis=2)  # (B, H, T_past + T_new, dh)
         self.present.append(cache)
         k_t = op.Transpose(cache["key"], perm=[0, 1, 3, 2])  # (B, H, dh, T_past + T_new)
@@ -85,15 +82,15 @@ class _Decoder(_Forward):
         b_v = op.Reshape(self.p[pre + "b_v"], self.const([h, 1, dh], np.int64))
         out = op.Add(op.MatMul(probs, cache["value"]), b_v)  # (B, H, T_new, dh)
         out = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), self.const([0, 0, d], np.int64))  # (B, T_new, d)
-        return self.adapted(out, self.p[pre + "w_o"], self.p[pre + "b_o"], layer, "attn.c_proj")  # (B, T_new, d)
+        return self.linear(out, self.p[pre + "w_o"], self.p[pre + "b_o"])  # (B, T_new, d)
 
     def causal_mask(self) -> ir.Value:  # what logits() adds to every layer's scores
         return self.cache_mask()
 
 
-def build_decoder(cfg: GPT2Config, lora: dict | None = None) -> onnx.ModelProto:
-    """decoder.onnx for ``cfg`` (with ``lora``'s adapters): forward.onnx's logits with a key/value cache."""
-    f = _Decoder(cfg, lora)
+def build_decoder(cfg: GPT2Config) -> onnx.ModelProto:
+    """decoder.onnx for ``cfg``: forward.onnx's logits with a key/value cache (module docstring)."""
+    f = _Decoder(cfg)
     logits = f.logits()
     outputs = {"logits": (logits, ["batch", "seq", cfg.vocab])}
     cache_shape = ["batch", cfg.n_heads, TOTAL, cfg.d_head]

@@ -61,6 +61,27 @@ class Artifacts:
             return None
         return {"path": str((self.folder / BASE_FILE).resolve()), "sha256": self.manifest["frozen"]["sha256"]}
 
+    @property
+    def param_counts(self) -> tuple[int, int]:
+        """(trained, total) numbers of weights: a LoRA folder trains its adapters, its base is frozen."""
+        trained = sum(int(np.prod(s)) for s in self.param_shapes.values())
+        return trained, trained + sum(int(np.prod(s)) for s in self.frozen_shapes.values())
+
+    @property
+    def model_param_names(self) -> list[str]:
+        """The GPT-2 weights' names (decoder.onnx's inputs, what exports write): a LoRA folder's frozen
+        inputs, else its parameters."""
+        return list(self.frozen_shapes) or self.param_names
+
+    def merged(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's weights for ``params``: a LoRA folder's base with the adapters merged in
+        (W + B A alpha/rank, contract/lora.py), else ``params`` themselves; in model_param_names order."""
+        if self.lora is None:
+            return {n: params[n] for n in self.param_names}
+        from contract.lora import merge
+
+        return merge(self.frozen_weights(), params, self.config, self.lora)
+
     def frozen_weights(self) -> dict[str, np.ndarray]:
         """The frozen inputs' values (base.safetensors), checked against the manifest; {} without any."""
         shapes = self.frozen_shapes

@@ -21,7 +21,7 @@ import numpy as np
 from contract import BATCH_INPUTS, LOGITS_OUTPUT
 
 from .artifacts import Artifacts, check_models, check_weights, load_artifacts
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, check_base, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, InputError, OutOfMemory, RuntimeUnavailable
 from .ort_env import import_onnxruntime
 from .hp import check_clip, check_hp
@@ -251,21 +251,6 @@ def mean_gradients(per_batch) -> tuple[float, dict[str, np.ndarray]]:
     for g in acc.values():
         np.divide(g, k, out=g)
     return float(np.mean(losses)), acc
-
-
-def check_base(ckpt: Checkpoint, art: Artifacts, where: str) -> None:
-    """A LoRA checkpoint resumes only on the base weights it trained (same sha256); CheckpointError otherwise."""
-    want, have = ckpt.base, art.base_ref
-    if want is None and have is None:
-        return
-    if want is None or have is None:
-        raise CheckpointError(
-            f"{where} {'holds adapters of a LoRA folder' if want else 'holds a full model'}, but {art.folder} "
-            f"{'is not a LoRA folder' if want else 'is a LoRA folder'}: resume it on the folder it was written for")
-    if want["sha256"] != have["sha256"]:
-        raise CheckpointError(
-            f"{where} trained adapters on base weights {want['path']} (sha256 {want['sha256'][:16]}...), but "
-            f"{have['path']} has sha256 {have['sha256'][:16]}...: a LoRA checkpoint resumes only on its own base")
 
 
 def _runtime_class(name: str) -> type[Runtime]:

@@ -160,3 +160,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         extra=extra,
         base=base,
     )
+
+
+def check_base(ckpt: Checkpoint, art, where: str) -> None:
+    """A LoRA checkpoint resumes only on the base weights it trained (same sha256); CheckpointError otherwise."""
+    want, have = ckpt.base, art.base_ref
+    if want is None and have is None:
+        return
+    if want is None or have is None:
+        raise CheckpointError(
+            f"{where} {'holds adapters of a LoRA folder' if want else 'holds a full model'}, but {art.folder} "
+            f"{'is not a LoRA folder' if want else 'is a LoRA folder'}: resume it on the folder it was written for")
+    if want["sha256"] != have["sha256"]:
+        raise CheckpointError(
+            f"{where} trained adapters on base weights {want['path']} (sha256 {want['sha256'][:16]}...), but "
+            f"{have['path']} has sha256 {have['sha256'][:16]}...: a LoRA checkpoint resumes only on its own base")

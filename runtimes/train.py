@@ -391,6 +391,7 @@ class _Run:
             f"{d.val_bytes:,} validation {d.unit}, batch {o.batch}x{d.seq}, steps {rt.step_count + 1}..{self.stop}"
             + (f" (of {o.steps})" if self.stop < o.steps else "")
             + f", gradient clipping {'at ' + format(self.clip, 'g') if 0 < self.clip < math.inf else 'off'}"
+            + ", {:,} of {:,} parameters trained".format(*rt.art.param_counts)
         )
         self.start_step, self.first_val = rt.step_count, self.evaluate()
         self.echo(f"validation loss at step {rt.step_count}: {self.first_val:.4f}")
@@ -473,8 +474,9 @@ def train(opts: TrainOptions, echo=print) -> dict:
         run.start()
         from tqdm import tqdm
 
+        trained, total = run.rt.art.param_counts
         bar = tqdm(total=run.stop, initial=min(run.rt.step_count, run.stop), disable=not opts.progress, unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, desc=f"train {trained:,}/{total:,}" if trained < total else None)
         t_start = time.perf_counter()
         try:
             # O_NOFOLLOW: the log was just replaced atomically; a link planted since is refused, not followed

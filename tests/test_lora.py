@@ -287,3 +287,140 @@ def test_cli_builds_a_lora_folder(tmp_path, capsys):
     assert [p["name"] for p in m["parameters"]] == ["h0.c_attn.lora_A", "h0.c_attn.lora_B", "h0.mlp.c_fc.lora_A",
                                                    "h0.mlp.c_fc.lora_B"]
     assert "LoRA rank 2 on c_attn,mlp.c_fc: 1,152 trainable parameters" in capsys.readouterr().out
+
+
+# --- exports: PEFT's adapter folder, the merged model for transformers and transformers.js ---------
+
+@pytest.fixture(scope="module")
+def trained_lora(tiny_lora, tmp_path_factory):
+    """(runtime after 3 steps, its checkpoint, a probe batch)."""
+    rt = runtimes.load(tiny_lora, runtime="ort")
+    for t, b in enumerate(batches(rt.art.config, 3, batch=2, seed=9)):
+        rt.step(*b, runtimes.make_hp(1e-2, *BETAS, EPS, WD, step=t + 1))  # lr 1e-2: adapters far from zero
+    ckpt = tmp_path_factory.mktemp("ckpt") / "lora.safetensors"
+    rt.save(ckpt)
+    return rt, ckpt, batches(rt.art.config, 1, batch=2, seq=40, seed=21)[0][:2]
+
+
+def _rel(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def test_peft_loads_the_adapters_with_our_logits(trained_lora, tiny_lora, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    from runtimes.export import export_hf, export_peft
+
+    rt, ckpt, (tok, pos) = trained_lora
+    export_hf(tmp_path / "base", artifacts=tiny_lora, log=lambda m: None)  # B = 0: the base model itself
+    files = export_peft(tmp_path / "adapter", checkpoint=ckpt, log=lambda m: None)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    import warnings
+
+    base = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert not [w for w in caught if "adapter keys" in str(w.message)], [str(w.message) for w in caught]
+    with torch.no_grad():
+        got = model(input_ids=torch.from_numpy(tok), position_ids=torch.from_numpy(pos)).logits.numpy()
+    want = rt.logits(tok, pos)
+    assert _rel(rt.logits(tok, pos), runtimes.load(tiny_lora, runtime="ort").logits(tok, pos)) > 1e-3  # it trained
+    assert _rel(got, want) < 1e-5, _rel(got, want)
+
+
+def test_hf_and_onnx_exports_are_the_merged_model(trained_lora, tmp_path):
+    import onnxruntime as ort
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from runtimes.export import export_hf, export_onnx
+    from runtimes.sample import Decoder, load_for_sampling
+
+    rt, ckpt, (tok, pos) = trained_lora
+    want = rt.logits(tok, pos)
+    export_hf(tmp_path / "hf", checkpoint=ckpt, log=lambda m: None)
+    with torch.no_grad():
+        got = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")(input_ids=torch.from_numpy(tok),
+                                                               position_ids=torch.from_numpy(pos)).logits.numpy()
+    assert _rel(got, want) < 1e-5, _rel(got, want)
+
+    export_onnx(tmp_path / "tjs", checkpoint=ckpt, log=lambda m: None)
+    sess = ort.InferenceSession(str(tmp_path / "tjs" / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": tok, "attention_mask": np.ones_like(tok), "position_ids": pos}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((tok.shape[0], rt.art.config["n_heads"], 0, 16), np.float32)
+    got = sess.run(["logits"], feeds)[0]
+    assert _rel(got, want) < 1e-5, _rel(got, want)
+
+    art, weights = load_for_sampling(checkpoint=str(ckpt))  # sample's decoder: the adapters merged in
+    dec = Decoder(art, weights)
+    dec.reset(batch=tok.shape[0])
+    assert _rel(dec(tok), want[:, -1]) < 1e-5
+
+
+def test_peft_export_of_a_full_folder_is_refused(tiny_index, tmp_path):
+    from runtimes.__main__ import main
+
+    assert main(["export", "--artifacts", str(tiny_index), "--peft", str(tmp_path / "p")]) == 2
+    assert not (tmp_path / "p").exists()
+
+
+def test_runtimes_train_on_a_lora_folder(tiny_lora, tmp_path):
+    """`runtimes train`'s loop on a LoRA folder: the header names trained/total parameters, the loss falls, the
+    run's weights file and checkpoint hold the adapters, the artifact folder (base.safetensors) is untouched;
+    a resume continues on the same base."""
+    from contract.files import sha256_file
+    from runtimes.train import TrainOptions, train
+
+    lines = []
+    base_sha = sha256_file(tiny_lora / "base.safetensors")
+    opts = dict(artifacts=str(tiny_lora), runtime="ort", out=str(tmp_path / "run"), batch=4, seq=32, lr=1e-2,
+                warmup=0, eval_every=10, eval_batches=2, checkpoint_every=10, sample_bytes=0, progress=False)
+    s = train(TrainOptions(steps=10, **opts), echo=lines.append)
+    assert "8,192 of 128,768 parameters trained" in lines[0], lines[0]
+    assert s["final_val_loss"] < s["first_val_loss"] - 0.05
+    from safetensors.numpy import load_file
+
+    assert set(load_file(str(tmp_path / "run" / "weights.safetensors"))) == set(runtimes.load(
+        tiny_lora, runtime="ort").art.param_names)
+    train(TrainOptions(steps=14, resume=str(tmp_path / "run" / "checkpoint.safetensors"), **opts),
+               echo=lines.append)
+    assert runtimes.resume(tmp_path / "run" / "checkpoint.safetensors").step_count == 14
+    assert sha256_file(tiny_lora / "base.safetensors") == base_sha
+
+
+def test_from_hf_lora_round_trip_through_peft(tmp_path, capsys):
+    """build --from-hf DIR --lora-rank: train the adapters on the imported GPT-2, export --peft, and PEFT loads them
+    onto the Hugging Face folder the build started from, giving this project's logits (1e-5 relative)."""
+    import warnings
+
+    import torch
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    from graphgen.__main__ import main as build_main
+    from runtimes.export import export_peft
+    from tests.test_huggingface import SHAPE_A, save_hf
+
+    hf = save_hf(tmp_path / "hf", SHAPE_A, seed=3)  # biases and LayerNorms random too
+    assert build_main(["build", "--from-hf", str(hf), "--out", str(tmp_path / "art"), "--lora-rank", "3",
+                       "--lora-alpha", "6", "--lora-targets", "c_attn,mlp.c_proj"]) == 0, capsys.readouterr().err
+    rt = runtimes.load(tmp_path / "art", runtime="ort")
+    assert rt.art.manifest["source"]["kind"] == "huggingface"
+    cfg = rt.art.config
+    for t, b in enumerate(batches(cfg, 3, batch=2, seq=cfg["context"], seed=4)):
+        rt.step(*b, runtimes.make_hp(1e-2, *BETAS, EPS, WD, step=t + 1))
+    rt.save(tmp_path / "c.safetensors")
+    export_peft(tmp_path / "peft", checkpoint=tmp_path / "c.safetensors", log=lambda m: None)
+    tok = np.random.default_rng(5).integers(0, cfg["vocab"], (2, cfg["context"]))
+    pos = np.tile(np.arange(cfg["context"]), (2, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(hf, dtype=torch.float32), tmp_path / "peft")
+    with torch.no_grad():
+        got = model.eval()(input_ids=torch.from_numpy(tok)).logits.numpy()
+    assert _rel(got, rt.logits(tok, pos)) < 1e-5, _rel(got, rt.logits(tok, pos))
