@@ -90,8 +90,8 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
     updated), the adapters the parameters (weights.safetensors, PEFT's init;
     inputs of forward.onnx and the step graphs; decoder.onnx is the plain model,
     which samplers and exports feed the merged weights W + B A alpha/rank), and
-    the manifest is format_version 4 with ``frozen`` and ``lora``. No ONNX Runtime
-    training set is written for it (the ort-training runtime refuses such a folder).
+    the manifest is format_version 4 with ``frozen`` and ``lora``. Its ONNX Runtime
+    training set trains the adapters with the base as frozen_params.
     Raises OutputFolderError, before any work, when ``out`` may not be replaced
     (see check_out_folder) or its parent cannot be written."""
     out = Path(os.path.abspath(out))  # "." and "..": the folder they name, not an empty name
@@ -111,10 +111,10 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
                 (tmp / name).write_bytes(data)
         log(f"{'init' if imported is None else 'imported'}: {sum(w.size for w in weights.values()):,} parameters "
             f"({time.perf_counter() - t0:.1f}s)")
-        frozen: tuple[str, ...] = ()
+        base: dict = {}  # a LoRA folder's frozen base weights
         if lora is not None:
             save_file(weights, str(tmp / BASE_FILE), metadata=meta)
-            frozen, weights = tuple(weights), init_adapters(cfg, lora)
+            base, weights = weights, init_adapters(cfg, lora)
             save_file(weights, str(tmp / "weights.safetensors"), metadata={"lora": "init", "seed": str(cfg.seed + 1)})
             log(f"LoRA rank {lora['rank']} on {','.join(lora['targets'])}: {sum(w.size for w in weights.values()):,} "
                 f"trainable parameters")
@@ -127,6 +127,7 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
         _save(build_decoder(cfg), tmp / "decoder.onnx")  # a LoRA folder's too: samplers merge the adapters in
         log(f"decoder.onnx ({time.perf_counter() - t0:.1f}s)")
 
+        frozen = tuple(base)
         loss_graph = build_forward_loss(cfg, lora=lora)
         _save(build_train_step(loss_graph, list(weights), frozen=frozen), tmp / "train_step.onnx")
         log(f"train_step.onnx ({time.perf_counter() - t0:.1f}s)")
@@ -136,18 +137,14 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
         log(f"grad_step.onnx, apply_step.onnx ({time.perf_counter() - t0:.1f}s)")
         del loss_graph
 
-        if lora is not None:
-            _save(build_forward_loss(cfg, gelu="expanded", lora=lora), tmp / "eval_model.onnx")
-            training_files = []
-            log("eval_model.onnx; no ONNX Runtime training set for a LoRA folder (the ort-training runtime refuses it)")
-        elif training_set_available():
-            write_training_set(build_forward_loss(cfg, gelu="expanded"), weights, cfg, tmp)
+        if training_set_available():
+            write_training_set(build_forward_loss(cfg, gelu="expanded", lora=lora), weights, cfg, tmp, frozen=base)
             training_files = list(TRAINING_FILES)
             log(f"ONNX Runtime training set ({time.perf_counter() - t0:.1f}s)")
         else:
             # The other runtimes need only the loss graph of the set; written here in the
             # same spelling and with the same inputs and output as onnxruntime-training's.
-            _save(build_forward_loss(cfg, gelu="expanded"), tmp / "eval_model.onnx")
+            _save(build_forward_loss(cfg, gelu="expanded", lora=lora), tmp / "eval_model.onnx")
             training_files = []
             log("eval_model.onnx; ONNX Runtime training set skipped: onnxruntime-training is not installed "
                 "here (pip install '.[training]'), so the ort-training runtime cannot use this folder")

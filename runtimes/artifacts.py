@@ -267,10 +267,6 @@ def load_artifacts(folder: str | Path, verify: bool = True, needs: tuple[str, ..
     check_structure(mpath, manifest)
     art = Artifacts(folder, manifest)
     missing_set = [n for n in needs if n in TRAINING_FILES and n not in manifest["files"]]
-    if missing_set and manifest.get("frozen"):
-        raise ArtifactError(
-            f"{folder} is a LoRA folder (frozen base weights, format_version {manifest['format_version']}): "
-            "ONNX Runtime's training set is not built for it, so the ort-training runtime refuses it; use --runtime ort")
     if missing_set:
         raise ArtifactError(
             f"{folder} was built without ONNX Runtime's training set ({', '.join(missing_set)}): "
