@@ -77,8 +77,9 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse artifact folders already built there")
     p.add_argument("--json", type=Path, default=Path("runs/bench_lora.json"))
     a = p.parse_args(argv)
-    if a.rounds < 1 or a.burst < 2:
-        print("error: --rounds must be >= 1 and --burst >= 2 (the first step of a burst is not timed)", file=sys.stderr)
+    if a.rounds < 1 or a.burst < 2 or a.threads < 1:
+        print(f"error: --rounds {a.rounds}, --burst {a.burst}, --threads {a.threads}: --rounds and --threads must be "
+              f">= 1 and --burst >= 2 (the first step of a burst is not timed)", file=sys.stderr)
         return 2
 
     def log(msg: str) -> None:

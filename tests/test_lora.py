@@ -20,6 +20,7 @@ first gradient at rounding level (tiny's h1.mlp.c_proj.lora_B[62, 1], 2e-8 again
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -188,8 +189,6 @@ def test_node_host_refuses_a_lora_folder(node_host, tiny_lora, tmp_path):
 
 
 def test_page_refuses_a_lora_folder(tiny_lora):
-    import json
-
     from tests.test_host_reliability import LIB, PAGE_MANIFEST_SCRIPT, run_script
 
     r = run_script(PAGE_MANIFEST_SCRIPT, LIB, tiny_lora / "manifest.json")
@@ -425,3 +424,31 @@ def test_from_hf_lora_round_trip_through_peft(tmp_path, capsys):
     with torch.no_grad():
         got = model.eval()(input_ids=torch.from_numpy(tok)).logits.numpy()
     assert _rel(got, rt.logits(tok, pos)) < 1e-5, _rel(got, rt.logits(tok, pos))
+
+
+# --- the benchmark's machinery (structure only, no timing assertions) --------------------------
+
+def test_bench_lora_runs_tiny_and_reports(tmp_path, capsys):
+    from bench import lora as bench_lora
+
+    out = tmp_path / "bench.json"
+    assert bench_lora.main(["--config", "tiny", "--seq", "32", "--rank", "2", "--rounds", "1", "--burst", "2",
+                            "--threads", "1", "--artifacts-dir", str(tmp_path / "arts"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["participants"]) == {"full", "lora", "peft"}
+    for p in report["participants"].values():
+        assert p["median_s"] > 0 and p["peak_rss_mib"] > 0 and len(p["losses"]) == 2
+        assert all(np.isfinite(p["losses"]))
+    ck = {k: report["participants"][k]["checkpoint_bytes"] for k in ("full", "lora")}
+    assert 0 < ck["lora"] < ck["full"]
+    assert set(report["ratios"]) == {"lora_vs_full_time", "lora_vs_full_peak_rss", "lora_vs_full_checkpoint",
+                                     "lora_vs_peft_time", "lora_vs_peft_peak_rss"}
+    assert "LoRA/full: time" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--rounds", "0"], ["--burst", "1"], ["--threads", "0"]])
+def test_bench_lora_bad_options(args, tmp_path, capsys):
+    from bench import lora as bench_lora
+
+    assert bench_lora.main(args + ["--artifacts-dir", str(tmp_path / "never"), "--json", str(tmp_path / "n.json")]) == 2
+    assert args[1] in capsys.readouterr().err and not (tmp_path / "never").exists()
