@@ -8,11 +8,12 @@ Three participants, each in its own process (bench/worker.py; peak RSS is the
 process's own): ``ort`` on the full artifact folder (every weight trained),
 ``ort`` on a LoRA folder of the same model (rank and targets as given), and
 ``peft`` (PEFT's LoRA with the same rank and targets on transformers'
-GPT2LMHeadModel, AdamW over the adapters, PyTorch eager). Each round runs a
-burst of steps in a fresh process of each participant in turn, one process at
-a time, so the machine's drift hits all of them alike; the first step of a
-burst re-warms and is not timed. Then both ``ort`` runtimes write a checkpoint
-and their sizes are compared.
+GPT2LMHeadModel, AdamW over the adapters, PyTorch eager). All three stay
+alive and each round runs a burst of steps of each in turn, so the machine's
+drift hits all of them alike (``--sequential``: one process alive at a time, a
+fresh one per participant and round, for a machine short of memory); the first
+step of a burst re-warms and is not timed. Then both ``ort`` runtimes write a
+checkpoint and their sizes are compared.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--artifacts-dir", type=Path, default=Path(tempfile.gettempdir()) / "gpt2-onnx-bench-lora")
     p.add_argument("--reuse", action="store_true", help="reuse artifact folders already built there")
+    p.add_argument("--sequential", action="store_true",
+                   help="one participant process alive at a time (less memory: gpt2's three peak at ~10 GiB together)")
     p.add_argument("--json", type=Path, default=Path("runs/bench_lora.json"))
     a = p.parse_args(argv)
     if a.rounds < 1 or a.burst < 2 or a.threads < 1:
@@ -99,25 +102,43 @@ def main(argv=None) -> int:
     times: dict[str, list[float]] = {label: [] for label, _, _ in plan}
     losses: dict[str, list[float]] = {label: [] for label, _, _ in plan}
     peaks: dict[str, float] = {label: 0.0 for label, _, _ in plan}
-    # One participant alive at a time (gpt2's full step peaks at ~4.5 GiB; on a shared machine three
-    # at once met the OOM killer), each round a fresh process per participant, in turn.
-    for r in range(a.rounds):
-        for label, kind, folder in plan:
-            w = Worker(kind, case, folder, a.threads, "cpu", env)
-            if not w.wait_ready():
+    def burst(label: str, w: Worker, r: int) -> None:
+        for i in range(a.burst):
+            got = w.step()
+            if got is None:
                 raise SystemExit(f"{label}: {w.error}")
-            for i in range(a.burst):
-                got = w.step()
-                if got is None:
-                    raise SystemExit(f"{label}: {w.error}")
-                if i:  # the first step of a burst re-warms and is not timed
-                    times[label].append(got[0])
-                losses[label].append(got[1])
-                peaks[label] = max(peaks[label], _vm_hwm_mib(w.proc.pid) or 0.0)
-            w.close()
-            peaks[label] = max(peaks[label], w.final.get("peak_rss_mb") or 0.0)
-            log(f"round {r + 1}: {label} {statistics.median(times[label][-(a.burst - 1):]) / 1e3:.2f} s/step, "
-                f"peak RSS {peaks[label]:,.0f} MiB (load {os.getloadavg()[0]:.1f})")
+            if i:  # the first step of a burst re-warms and is not timed
+                times[label].append(got[0])
+            losses[label].append(got[1])
+            peaks[label] = max(peaks[label], _vm_hwm_mib(w.proc.pid) or 0.0)
+        log(f"round {r + 1}: {label} {statistics.median(times[label][-(a.burst - 1):]) / 1e3:.2f} s/step, "
+            f"peak RSS {peaks[label]:,.0f} MiB (load {os.getloadavg()[0]:.1f})")
+
+    def start(label: str, kind: str, folder: Path) -> Worker:
+        w = Worker(kind, case, folder, a.threads, "cpu", env)
+        if not w.wait_ready():
+            raise SystemExit(f"{label}: {w.error}")
+        return w
+
+    def stop(label: str, w: Worker) -> None:
+        w.close()
+        peaks[label] = max(peaks[label], w.final.get("peak_rss_mb") or 0.0)
+
+    if a.sequential:  # one process alive at a time: a fresh one per participant and round
+        for r in range(a.rounds):
+            for label, kind, folder in plan:
+                w = start(label, kind, folder)
+                burst(label, w, r)
+                stop(label, w)
+    else:  # all alive, bursts in turn: the machine's drift hits every participant alike
+        workers = {label: start(label, kind, folder) for label, kind, folder in plan}
+        try:
+            for r in range(a.rounds):
+                for label, w in workers.items():
+                    burst(label, w, r)
+        finally:
+            for label, w in workers.items():
+                stop(label, w)
     res = {label: {"median_s": statistics.median(times[label]) / 1e3, "steps_s": [t / 1e3 for t in times[label]],
                    "peak_rss_mib": peaks[label], "losses": losses[label]} for label in times}
     res["full"]["checkpoint_bytes"] = _checkpoint_bytes(full, a.threads)
