@@ -113,7 +113,9 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
             f"({time.perf_counter() - t0:.1f}s)")
         base: dict = {}  # a LoRA folder's frozen base weights
         if lora is not None:
-            save_file(weights, str(tmp / BASE_FILE), metadata=meta)
+            # One metadata key: safetensors writes a map's keys in no fixed order, and checkpoints
+            # name their base by this file's sha256, which a rebuild must reproduce.
+            save_file(weights, str(tmp / BASE_FILE), metadata={"base": json.dumps(meta, sort_keys=True)})
             base, weights = weights, init_adapters(cfg, lora)
             save_file(weights, str(tmp / "weights.safetensors"), metadata={"lora": "init", "seed": str(cfg.seed + 1)})
             log(f"LoRA rank {lora['rank']} on {','.join(lora['targets'])}: {sum(w.size for w in weights.values()):,} "

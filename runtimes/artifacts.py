@@ -121,11 +121,15 @@ class Artifacts:
         optimizer treats gradients, not which model the parameters belong to, so a
         checkpoint resumes on a folder rebuilt with another threshold. A tokenizer
         other than bytes is part of the model (an id means what it says), so it is
-        in; byte folders keep the fingerprint they had before tokenizers were recorded."""
+        in; byte folders keep the fingerprint they had before tokenizers were recorded.
+        So are a LoRA folder's rank, alpha and targets (alpha scales what the adapters
+        mean); its base is checked apart, by sha256 (checkpoint.check_base)."""
         config = {k: v for k, v in self.config.items() if k != "clip"}
         parts = [config, self.manifest["parameters"]]
         if self.tokenizer["kind"] != "bytes":
             parts.append(self.tokenizer["sha256"])
+        if self.lora is not None:
+            parts.append({k: self.lora[k] for k in ("rank", "alpha", "targets")})
         key = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 

@@ -156,7 +156,8 @@ def _space_needed(art: Artifacts, opts: TrainOptions, out: Path) -> tuple[int, i
     for the temporary copy an atomic replace writes.
     """
     n = sum(4 * math.prod(p["shape"]) for p in art.manifest["parameters"])
-    ckpt = (6 if opts.runtime == "ort-training" else 3) * n + (1 << 20)
+    frozen = sum(4 * math.prod(s) for s in art.frozen_shapes.values())  # in ORT's own checkpoint (LoRA)
+    ckpt = (6 * n + frozen if opts.runtime == "ort-training" else 3 * n) + (1 << 20)
     weights = n + (64 << 10)
     rest = 200 * opts.steps + (1 << 20)  # log.jsonl, loss.png, sample.txt, summary.json
     existing = sum((out / f).stat().st_size for f in (CHECKPOINT_NAME, "weights.safetensors") if (out / f).is_file())

@@ -254,6 +254,32 @@ def test_resume_on_another_base_is_refused(tiny_lora, tiny_index, tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(before + ["full.safetensors"])  # nothing else written
 
 
+def test_resume_on_a_rebuild_but_not_with_another_alpha(tiny_lora, tmp_path):
+    """A rebuilt folder writes the same base.safetensors (same sha256), so a checkpoint resumes on it; the same base
+    and shapes with another alpha is refused: the adapters would mean another update (the fingerprint holds it)."""
+    rt = runtimes.load(tiny_lora, runtime="ort")
+    rt.save(tmp_path / "c.safetensors")
+    same = build_lora(tmp_path / "same", eps=EPS)
+    assert runtimes.resume(tmp_path / "c.safetensors", artifacts=same).art.folder == same
+    other = build_lora(tmp_path / "other", alpha=2 * ALPHA, eps=EPS)
+    with pytest.raises(runtimes.CheckpointError, match="written for another model"):
+        runtimes.resume(tmp_path / "c.safetensors", artifacts=other)
+
+
+def test_a_runtime_without_frozen_inputs_refuses_a_lora_folder(tiny_lora, monkeypatch):
+    """Every runtime here binds frozen inputs; one that did not (a backend added later) is refused at load."""
+    from runtimes import base
+    from runtimes.reference import ReferenceRuntime
+
+    class Plain(ReferenceRuntime):
+        name = "plain"
+        frozen_inputs = False
+
+    monkeypatch.setattr(base, "_runtime_class", lambda name: Plain)
+    with pytest.raises(runtimes.RuntimeUnavailable, match="is a LoRA folder .*runtime 'plain' does not train frozen"):
+        runtimes.load(tiny_lora, runtime="plain")
+
+
 # --- bad build options: one line naming the value, nothing written --------------------------
 
 @pytest.mark.parametrize("args, needle", [
