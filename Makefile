@@ -87,9 +87,9 @@ soak: $(STAMP)
 	$(VPY) -m pytest -m soak -s tests/test_soak.py
 
 # Step time, tokens/s, peak RSS and GFLOP/s of each runtime against PyTorch eager, interleaved in one run.
-# QUICK=1: small only. DEVICE=cuda, THREADS=N, BENCH_CONFIGS=small,mid,gpt2.
+# QUICK=1: small only. DEVICE=cuda, THREADS=N, BENCH_CONFIGS=small,mid,gpt2, RECOMPUTE=1 (build --recompute-attention).
 bench: $(STAMP)
-	$(VPY) -m bench.run $(if $(QUICK),--quick) $(if $(DEVICE),--device $(DEVICE)) $(if $(THREADS),--threads $(THREADS)) $(if $(BENCH_CONFIGS),--configs $(BENCH_CONFIGS))
+	$(VPY) -m bench.run $(if $(QUICK),--quick) $(if $(RECOMPUTE),--recompute-attention) $(if $(DEVICE),--device $(DEVICE)) $(if $(THREADS),--threads $(THREADS)) $(if $(BENCH_CONFIGS),--configs $(BENCH_CONFIGS))
 
 # LoRA (rank 8, every target) against full fine-tuning and PEFT on gpt2 1x1024 (README, LoRA)
 bench-lora: $(STAMP)

@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--artifacts-dir", type=Path, default=Path(tempfile.gettempdir()) / "gpt2-onnx-bench-lora")
     p.add_argument("--reuse", action="store_true", help="reuse artifact folders already built there")
+    p.add_argument("--recompute-attention", action="store_true",
+                   help="build both folders with graphgen build --recompute-attention")
     p.add_argument("--sequential", action="store_true",
                    help="one participant process alive at a time (less memory: gpt2's three peak at ~10 GiB together)")
     p.add_argument("--json", type=Path, default=Path("runs/bench_lora.json"))
@@ -93,10 +95,12 @@ def main(argv=None) -> int:
         env[var] = str(a.threads)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     a.artifacts_dir.mkdir(parents=True, exist_ok=True)
-    full, lora = a.artifacts_dir / a.config, a.artifacts_dir / f"{a.config}-lora-r{a.rank}"
-    _build(a.config, full, env, a.reuse, log, [])
+    rc = ["--recompute-attention"] if a.recompute_attention else []
+    tag = "-rc" if a.recompute_attention else ""
+    full, lora = a.artifacts_dir / f"{a.config}{tag}", a.artifacts_dir / f"{a.config}-lora-r{a.rank}{tag}"
+    _build(a.config, full, env, a.reuse, log, rc)
     _build(a.config, lora, env, a.reuse, log, ["--lora-rank", str(a.rank), "--lora-alpha", str(a.alpha),
-                                               "--lora-targets", a.targets])
+                                               "--lora-targets", a.targets, *rc])
     case = SimpleNamespace(batch=a.batch, seq=a.seq)
     plan = [("full", "ort", full), ("lora", "ort", lora), ("peft", "peft", lora)]
     times: dict[str, list[float]] = {label: [] for label, _, _ in plan}
@@ -144,6 +148,7 @@ def main(argv=None) -> int:
     res["full"]["checkpoint_bytes"] = _checkpoint_bytes(full, a.threads)
     res["lora"]["checkpoint_bytes"] = _checkpoint_bytes(lora, a.threads)
     out = {"config": a.config, "batch": a.batch, "seq": a.seq, "rank": a.rank, "alpha": a.alpha,
+           "recompute_attention": a.recompute_attention,
            "targets": a.targets.split(","), "threads": a.threads, "loadavg_end": list(os.getloadavg()),
            "participants": res,
            "ratios": {"lora_vs_full_time": res["lora"]["median_s"] / res["full"]["median_s"],
@@ -154,7 +159,8 @@ def main(argv=None) -> int:
            "created_unix": int(time.time())}
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(out, indent=1) + "\n")
-    log(f"\n{a.config} {a.batch}x{a.seq}, rank {a.rank} on {a.targets}, {a.threads} threads:")
+    log(f"\n{a.config} {a.batch}x{a.seq}, rank {a.rank} on {a.targets}, {a.threads} threads"
+        + (", attention recomputed" if a.recompute_attention else "") + ":")
     for label in ("full", "lora", "peft"):
         r = res[label]
         ck = f", checkpoint {r['checkpoint_bytes'] / 2**20:,.1f} MiB" if "checkpoint_bytes" in r else ""

@@ -166,6 +166,10 @@ def machine_info(threads: int) -> dict:
 # --------------------------------------------------------------------------- builds
 
 
+def folder_name(config: str, recompute: bool) -> str:
+    return config + ("-recompute" if recompute else "")
+
+
 def _run_measured(cmd: list[str], env: dict, log) -> tuple[int, float, float, str]:
     """Run ``cmd``; returns (exit code, wall seconds, peak RSS GiB of the child, output tail)."""
     t = time.perf_counter()
@@ -179,14 +183,17 @@ def _run_measured(cmd: list[str], env: dict, log) -> tuple[int, float, float, st
     return proc.returncode, wall, usage.ru_maxrss / 2**20, tail
 
 
-def build(config: str, folder: Path, env: dict, reuse: bool, log) -> dict:
+def build(config: str, folder: Path, env: dict, reuse: bool, log, recompute: bool = False) -> dict:
     if reuse and (folder / "manifest.json").is_file():
         manifest = json.loads((folder / "manifest.json").read_text())
-        if manifest.get("name") == config and manifest["config"].get("labels") == "index":
+        if (manifest.get("name") == config and manifest["config"].get("labels") == "index"
+                and bool(manifest["train_step"].get("recompute")) == recompute):
             log(f"build {config}: reusing {folder} (not timed)")
             return {"config": config, "reused": True, "folder": str(folder)}
     log(f"build {config} -> {folder} ...")
     cmd = [sys.executable, "-m", "graphgen", "build", "--config", config, "--out", str(folder)]
+    if recompute:
+        cmd.append("--recompute-attention")
     rc, wall, rss, tail = _run_measured(cmd, env, log)
     if rc != 0:
         raise SystemExit(f"`{' '.join(cmd)}` failed (exit {rc}):\n{tail}")
@@ -435,6 +442,8 @@ def main(argv=None) -> int:
     p.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"participants (default {','.join(RUNTIMES)})")
     p.add_argument("--artifacts-dir", type=Path, default=Path(tempfile.gettempdir()) / "gpt2-onnx-bench",
                    help="where the benchmark builds its artifact folders (default: $TMPDIR/gpt2-onnx-bench)")
+    p.add_argument("--recompute-attention", action="store_true",
+                   help="build the step graphs with graphgen build --recompute-attention (less memory, more work)")
     p.add_argument("--reuse", action="store_true", help="reuse artifact folders already built there (build not timed)")
     p.add_argument("--rounds", type=int, help="bursts per participant (default: per case)")
     p.add_argument("--burst", type=int, help="steps per burst, the first a re-warm when > 1 (default: per case)")
@@ -478,9 +487,10 @@ def main(argv=None) -> int:
     machine = machine_info(a.threads)
     builds, results = [], []
     for config in dict.fromkeys(c.config for c in cases):
-        builds.append(build(config, a.artifacts_dir / config, env, a.reuse, log))
+        builds.append(build(config, a.artifacts_dir / folder_name(config, a.recompute_attention), env, a.reuse, log,
+                            a.recompute_attention))
     for case in cases:
-        folder = a.artifacts_dir / case.config
+        folder = a.artifacts_dir / folder_name(case.config, a.recompute_attention)
         manifest = json.loads((folder / "manifest.json").read_text())
         got = tuple(manifest["config"][k] for k in ("vocab", "context", "d_model", "n_heads", "d_ff", "n_layers"))
         if got != CONFIGS[case.config]:

@@ -28,7 +28,7 @@ from safetensors.numpy import save_file
 
 from contract import (BASE_FILE, BYTES_VOCAB_SIZE, CLIP_INPUT, CONSTANTS, FROZEN_MANIFEST_VERSION, GRAD_NORM_OUTPUT,
                       HP_LAYOUT, IR_VERSION, MANIFEST_FORMAT, MANIFEST_VERSION, OPSET, TRAINING_FILES,
-                      TRAINING_SET_OPSET, name_template)
+                      TRAINING_SET_OPSET, name_template, new_name)
 from contract.files import sha256_file
 from contract.lora import adapter_specs
 from contract.manifest import describe_io
@@ -40,6 +40,8 @@ from .decoder import build_decoder
 from .init import init_weights
 from .lora import init_adapters
 from .model import build_forward_logits, build_forward_loss
+from .in_place import parameters_updatable_in_place
+from .recompute import recompute_attention as recompute_attention_pass
 from .ort_training_set import training_set_available, write_training_set
 from .train_step import build_apply_step, build_grad_step, build_train_step
 
@@ -79,12 +81,14 @@ def check_out_folder(out: Path, force: bool = False) -> None:
 
 
 def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, imported=None,
-                    lora: dict | None = None) -> dict:
+                    recompute_attention: bool = False, lora: dict | None = None) -> dict:
     """Build every artifact for ``cfg`` into ``out``; returns the manifest.
 
     ``imported`` (an hf_import.Imported) supplies the weights, the files to copy
     in (the tokenizer) and the manifest's ``source`` and ``tokenizer``; without
-    it the weights are the LCG init and the tokenizer is bytes.
+    it the weights are the LCG init and the tokenizer is bytes. ``recompute_attention``:
+    the step graphs recompute the attention probabilities in the backward
+    (graphgen/recompute.py); the same numbers, less memory, more work.
     ``lora`` (contract.lora.check_lora's entry) makes a LoRA folder: those weights
     become the frozen base (base.safetensors, inputs of every model, never
     updated), the adapters the parameters (weights.safetensors, PEFT's init;
@@ -129,12 +133,13 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
         _save(build_decoder(cfg), tmp / "decoder.onnx")  # a LoRA folder's too: samplers merge the adapters in
         log(f"decoder.onnx ({time.perf_counter() - t0:.1f}s)")
 
+        recompute = recompute_attention_pass if recompute_attention else (lambda m: m)
         frozen = tuple(base)
         loss_graph = build_forward_loss(cfg, lora=lora)
-        _save(build_train_step(loss_graph, list(weights), frozen=frozen), tmp / "train_step.onnx")
+        _save(recompute(build_train_step(loss_graph, list(weights), frozen=frozen)), tmp / "train_step.onnx")
         log(f"train_step.onnx ({time.perf_counter() - t0:.1f}s)")
 
-        _save(build_grad_step(loss_graph, list(weights), frozen=frozen), tmp / "grad_step.onnx")
+        _save(recompute(build_grad_step(loss_graph, list(weights), frozen=frozen)), tmp / "grad_step.onnx")
         _save(build_apply_step(loss_graph, list(weights), frozen=frozen), tmp / "apply_step.onnx")
         log(f"grad_step.onnx, apply_step.onnx ({time.perf_counter() - t0:.1f}s)")
         del loss_graph
@@ -151,7 +156,10 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
             log("eval_model.onnx; ONNX Runtime training set skipped: onnxruntime-training is not installed "
                 "here (pip install '.[training]'), so the ort-training runtime cannot use this folder")
 
-        manifest = _manifest(cfg, tmp, source, tokenizer, training_files, lora)
+        in_place = all(parameters_updatable_in_place(onnx.load(str(tmp / f)), list(weights), new_name)
+                       for f in ("train_step.onnx", "apply_step.onnx"))
+        manifest = _manifest(cfg, tmp, source, tokenizer, training_files, in_place,
+                             ["attention"] if recompute_attention else [], lora)
         with open(tmp / "manifest.json", "w") as f:
             json.dump(manifest, f, indent=1)
         for p in tmp.iterdir():
@@ -165,7 +173,7 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
 
 
 def _manifest(cfg: GPT2Config, folder: Path, source: dict, tokenizer: dict, training_files: list[str],
-              lora: dict | None = None) -> dict:
+              in_place: bool, recompute: list[str], lora: dict | None = None) -> dict:
     model_files = sorted(p.name for p in folder.glob("*.onnx"))
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
     base = [{"name": n, "shape": list(s), "dtype": "float32"} for n, s in param_specs(cfg)]
@@ -202,6 +210,13 @@ def _manifest(cfg: GPT2Config, folder: Path, source: dict, tokenizer: dict, trai
                              "g <- g * min(1, clip / (norm + 1e-6)) before AdamW (torch.nn.utils.clip_grad_norm_)"},
             "update": "m' = b1 m + (1-b1) g; v' = b2 v + (1-b2) g^2; "
             "w' = w (1 - lr wd) - lr (m' beta1h) / (sqrt(v' beta2h) + eps)",
+            # true: in train_step.onnx and apply_step.onnx every reader of a parameter (or of a
+            # view of it) is an ancestor of the node writing its new.* output, so a runner may
+            # bind new.<p> to <p>'s own buffer (graphgen/in_place.py checked the graphs written)
+            "in_place": in_place,
+            # what the backward of train_step.onnx and grad_step.onnx recomputes instead of
+            # keeping from the forward (build --recompute-attention): ["attention"] or []
+            "recompute": recompute,
         },
         "models": {name: _model_io(folder / name) for name in model_files},
         "files": {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size} for name in files},

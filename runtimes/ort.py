@@ -125,16 +125,24 @@ class OrtRuntime(Runtime):
         self._ort_device = "cuda" if device == "cuda" else "cpu"
         self._names = art.param_names
         self._out_names = [o.name for o in self._sess.get_outputs()]
+        # The manifest says whether the step graphs let new parameters be written over the
+        # old ones (graphgen/in_place.py checks every reader of a weight runs first): then
+        # one set of parameters; else a spare set takes the update and the sets swap.
+        self._in_place = bool(art.manifest["train_step"].get("in_place"))
         weights = art.initial_weights()
         zeros = {n: np.zeros_like(w) for n, w in weights.items()}
-        self._state = self._upload(weights, zeros, zeros)
+        self._set_state(weights, zeros, zeros)
         self._frozen = self._upload_frozen(art.frozen_weights())  # bound as inputs, never written
-        self._spare = self._upload(zeros)  # the next parameters are written here, then the sets swap
         self._stale_moments_at: int | None = None  # the step whose diverged update left the moments written
         self._loss_out = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32, "cpu", 0)  # the step's loss lands here
         self._norm_out = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32, "cpu", 0)  # and its gradient norm
 
     # --- state on the device ------------------------------------------------
+
+    def _set_state(self, params, m, v) -> None:
+        self._state = self._upload(params, m, v)
+        # in place, the "spare" buffers are the parameters themselves and the swap is a no-op
+        self._spare = {n: self._state[n] for n in self._names} if self._in_place else self._upload(params)
 
     def _upload(self, params, m=None, v=None) -> dict[str, object]:
         """OrtValues keyed by train_step input name: <p>, and m.<p>, v.<p> when given.
@@ -198,6 +206,10 @@ class OrtRuntime(Runtime):
         self.last_grad_norm = float(self._norm_out.numpy())
         if not np.isfinite(loss):
             self._stale_moments_at = self.step_count + 1
+            if self._in_place:
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {self.step_count + 1}; its update was written in place over the "
+                    f"parameters and the AdamW moments")
             raise TrainingDiverged(
                 f"loss is {loss} at step {self.step_count + 1}; the update was not applied to the parameters "
                 f"(they stay at step {self.step_count}), but the AdamW moments were updated in place"
@@ -212,8 +224,9 @@ class OrtRuntime(Runtime):
 
     def _check_moments(self) -> None:
         if self._stale_moments_at is not None:
+            kept = "parameters and AdamW moments" if self._in_place else "AdamW moments"
             raise TrainingDiverged(
-                f"step {self._stale_moments_at} diverged and its in-place AdamW moments were kept; "
+                f"step {self._stale_moments_at} diverged and its in-place {kept} were kept; "
                 f"continue from a checkpoint (runtimes.resume or --resume)")
 
     def _gradients(self, tokens, positions, labels) -> dict[str, np.ndarray]:
@@ -297,6 +310,8 @@ class OrtRuntime(Runtime):
         return self._run_on_state("forward.onnx", dict(zip(BATCH_INPUTS, (tokens, positions))), LOGITS_OUTPUT)
 
     def parameters(self) -> dict[str, np.ndarray]:
+        if self._in_place:
+            self._check_moments()  # a diverged in-place step left no good parameters to read
         return {n: self._state[n].numpy().copy() for n in self._names}
 
     def moments(self):
@@ -312,5 +327,5 @@ class OrtRuntime(Runtime):
                 ckpt.adam_m, ckpt.adam_v = zeros, zeros
             else:
                 raise CheckpointError(f"checkpoint at step {ckpt.step} holds no AdamW moments; cannot resume exactly")
-        self._state = self._upload(ckpt.params, ckpt.adam_m, ckpt.adam_v)
+        self._set_state(ckpt.params, ckpt.adam_m, ckpt.adam_v)
         self._stale_moments_at = None

@@ -247,6 +247,35 @@ def generate(decoder: Decoder, prompt: Sequence[int], max_new_tokens: int, tempe
         logits = decoder(np.array([[token]], np.int64))[0]
 
 
+def continue_ids(decoder: Decoder, prompt: Sequence[int], n: int, temperature: float = 0.8, seed: int = 0,
+                 limit: int | None = None) -> list[int]:
+    """``n`` ids after ``prompt``, each drawn by :func:`pick` (no top-k or top-p) from the first
+    ``limit`` logits (all: None), for any ``n``: where :func:`generate` stops at the context, this
+    refills the cache from the last half context of the sequence (one prefill) and goes on, so every
+    token sees between half a context and a whole one, at one prefill per half context. For
+    ``runtimes train``'s sample at the end of a run; the prompt's last ``context`` ids are read."""
+    rng = np.random.default_rng(seed)
+    seq = [int(i) for i in prompt][-decoder.context:]
+    if not seq:
+        raise InputError("the prompt is empty; give at least one token")
+    keep = max(1, decoder.context // 2)
+    decoder.reset(1)
+    logits = decoder(np.asarray(seq, np.int64)[None, :])[0]  # (vocab,)
+    out: list[int] = []
+    while len(out) < n:
+        token = pick(logits[:limit], temperature, 0, 1.0, rng)
+        out.append(token)
+        seq.append(token)
+        if len(out) == n:
+            break
+        if decoder.length == decoder.context:  # full: start again from the last half context
+            decoder.reset(1)
+            logits = decoder(np.asarray(seq[-keep:], np.int64)[None, :])[0]
+        else:
+            logits = decoder(np.array([[token]], np.int64))[0]
+    return out
+
+
 # --------------------------------------------------------------------------- loading
 def load_for_sampling(checkpoint: str | Path | None = None, artifacts: str | Path | None = None
                       ) -> tuple[Artifacts, dict[str, np.ndarray]]:

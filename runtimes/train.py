@@ -27,9 +27,10 @@ uninterrupted run would and, on the CPU provider, reproduces its losses and
 weights bit for bit.
 
 Divergence: a step whose loss is NaN or infinite stops the run with
-TrainingDiverged (``ort`` and ``reference`` raise it themselves and do not
-commit the parameters, though ``ort`` has updated its moments in place;
-``ort-training`` updates everything in place and returns the NaN). A
+TrainingDiverged (``ort`` and ``reference`` raise it themselves; ``reference``
+commits nothing, ``ort`` has written the update in place (its moments always,
+its parameters where the manifest allows in-place updates); ``ort-training``
+updates everything in place and returns the NaN). A
 gradient that overflows can leave parameters or moments non-finite while the
 loss of that step is still finite; train() therefore checks that every
 parameter and both AdamW moments are finite before it writes a checkpoint (and
@@ -202,8 +203,12 @@ def _nonfinite(snap) -> str | None:
 
 def sample_text(rt: base.Runtime, prompt: str, n_bytes: int, temperature: float = 0.8, seed: int = 0,
                 tokenizer: ByteTokenizer | HFTokenizer | None = None) -> str:
-    """Generate ``n_bytes`` tokens (bytes, on a byte folder) after ``prompt`` with forward.onnx, sliding a
-    context-sized window; the text is the tokenizer's decoding of prompt and sample."""
+    """Generate ``n_bytes`` tokens (bytes, on a byte folder) after ``prompt`` with decoder.onnx's key/value
+    cache (runtimes/sample.py continue_ids: past the context it refills the cache from the last half
+    context); a folder built before decoder.onnx slides a context-sized window over forward.onnx.
+    The text is the tokenizer's decoding of prompt and sample."""
+    from .sample import DECODER, Decoder, continue_ids
+
     ctx = rt.art.config["context"]
     byte_level = tokenizer is None or tokenizer.kind == "bytes"
     if byte_level:
@@ -211,13 +216,16 @@ def sample_text(rt: base.Runtime, prompt: str, n_bytes: int, temperature: float 
     else:  # ids past the tokenizer's vocab (padding rows of the embedding) decode to nothing: never drawn
         ids = [int(i) for i in tokenizer.encode(prompt or "\n")]
         limit = tokenizer.vocab_size
-    rng = np.random.default_rng(seed)
-    for _ in range(n_bytes):
-        window = np.array(ids[-ctx:], dtype=np.int64)[None, :]
-        pos = np.arange(window.shape[1], dtype=np.int64)[None, :]
-        logits = rt.logits(window, pos)[0, -1, :limit].astype(np.float64) / temperature
-        p = np.exp(logits - logits.max())
-        ids.append(int(rng.choice(len(p), p=p / p.sum())))
+    if DECODER in rt.art.manifest["files"]:
+        ids += continue_ids(Decoder(rt.art, rt.parameters(), rt.threads), ids, n_bytes, temperature, seed, limit)
+    else:
+        rng = np.random.default_rng(seed)
+        for _ in range(n_bytes):
+            window = np.array(ids[-ctx:], dtype=np.int64)[None, :]
+            pos = np.arange(window.shape[1], dtype=np.int64)[None, :]
+            logits = rt.logits(window, pos)[0, -1, :limit].astype(np.float64) / temperature
+            p = np.exp(logits - logits.max())
+            ids.append(int(rng.choice(len(p), p=p / p.sum())))
     return decode(np.array(ids, dtype=np.uint8)) if byte_level else tokenizer.decode(ids)
 
 

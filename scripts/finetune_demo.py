@@ -23,8 +23,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_standin(folder: Path) -> Path:
-    """A small GPT-2 in the Hugging Face layout, with a BPE trained on the default corpus."""
+# The stand-in's shape: "small" for the demo, "gpt2" (GPT2Config's defaults: 124M parameters, 1,024
+# positions, 50,257 ids of which the 1,024 of the local BPE are used) to time fine-tuning steps at
+# GPT-2's size.
+STANDIN = {
+    "small": dict(n_positions=128, n_embd=128, n_layer=2, n_head=4),
+    "gpt2": dict(),
+}
+
+
+def make_standin(folder: Path, size: str = "small") -> Path:
+    """A GPT-2 in the Hugging Face layout (STANDIN[size]), with a BPE trained on the default corpus."""
     import tokenizers
     import torch
     import transformers
@@ -38,8 +47,8 @@ def make_standin(folder: Path) -> Path:
                             special_tokens=["<|endoftext|>"], show_progress=False)
     tok.save(str(folder / "tokenizer.json"))
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=128, n_embd=128, n_layer=2, n_head=4,
-                                  bos_token_id=0, eos_token_id=0)
+    shape = STANDIN[size] if size == "gpt2" else {"vocab_size": tok.get_vocab_size(), **STANDIN[size]}
+    cfg = transformers.GPT2Config(**shape, bos_token_id=0, eos_token_id=0)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
     return folder
 
@@ -53,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/finetune_demo.py", description=__doc__.splitlines()[0])
     p.add_argument("--hf", type=Path, default=None, help="a Hugging Face GPT-2 folder (default: make a small one)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "finetune", help="where everything is written")
+    p.add_argument("--size", choices=sorted(STANDIN), default="small",
+                   help="the stand-in's shape when no --hf is given (gpt2: GPT-2 124M's, to time its steps)")
     p.add_argument("--data", default=None, help="text to fine-tune on (default: the default corpus)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     a = p.parse_args(argv)
-    hf = a.hf or make_standin(a.work / "hf-standin")
+    hf = a.hf or make_standin(a.work / f"hf-standin-{a.size}", a.size)
     art, run_dir = a.work / "artifacts", a.work / "run"
     try:
         run("-m", "graphgen", "build", "--from-hf", str(hf), "--out", str(art))

@@ -35,6 +35,16 @@ def tiny_dense(tmp_path_factory) -> Path:
     return _build(tmp_path_factory, "tiny-dense", labels="dense")
 
 
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    """An artifact folder built --from-hf on a small Hugging Face folder made locally (tests/hf_util.py):
+    a byte-level BPE of 300 ids in tokenizer.json, context 32."""
+    from tests.hf_util import build_hf_artifacts, make_hf_folder
+
+    root = tmp_path_factory.mktemp("tiny-hf")
+    return build_hf_artifacts(make_hf_folder(root / "hf"), root / "artifacts")
+
+
 @pytest.fixture(scope="session", params=["index", "dense"])
 def tiny_artifacts(request, tiny_index, tiny_dense) -> Path:
     return tiny_index if request.param == "index" else tiny_dense

@@ -37,12 +37,14 @@ RANK, ALPHA = 4, 8.0
 ALL = ["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 
 
-def build_lora(out: Path, preset: str = "tiny", rank: int = RANK, alpha: float = ALPHA, targets=ALL, **overrides) -> Path:
+def build_lora(out: Path, preset: str = "tiny", rank: int = RANK, alpha: float = ALPHA, targets=ALL,
+               recompute_attention: bool = False, **overrides) -> Path:
     from graphgen.artifacts import build_artifacts
     from graphgen.config import GPT2Config
 
     cfg = GPT2Config.preset(preset, **overrides)
-    build_artifacts(cfg, out, log=lambda m: None, lora=check_lora(cfg.to_dict(), rank, alpha, list(targets), 0))
+    build_artifacts(cfg, out, log=lambda m: None, lora=check_lora(cfg.to_dict(), rank, alpha, list(targets), 0),
+                    recompute_attention=recompute_attention)
     return out
 
 
@@ -195,6 +197,17 @@ def test_page_refuses_a_lora_folder(tiny_lora):
     assert r.returncode == 0, r.stderr
     msg = json.loads(r.stdout)[0]
     assert msg.startswith("Error: ") and "format_version 4 is a LoRA folder" in msg, msg
+
+
+def test_recompute_attention_on_a_lora_folder_is_bit_identical(tiny_lora, tmp_path):
+    """build --lora-rank ... --recompute-attention: the same losses and adapters, bit for bit, over 5 steps."""
+    other = build_lora(tmp_path / "rc", eps=EPS, recompute_attention=True)
+    a, b = runtimes.load(tiny_lora, runtime="ort"), runtimes.load(other, runtime="ort")
+    assert b.art.manifest["train_step"]["recompute"] == ["attention"]
+    for t, batch in enumerate(batches(a.art.config, 5, batch=2, seed=9)):
+        hp = runtimes.make_hp(1e-2, *BETAS, EPS, WD, step=t + 1)
+        assert a.step(*batch, hp) == b.step(*batch, hp)
+    assert all(np.array_equal(w, b.parameters()[n]) for n, w in a.parameters().items())
 
 
 # --- split steps, checkpoints ---------------------------------------------------------------

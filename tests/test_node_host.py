@@ -330,3 +330,124 @@ def test_clipping_matches_python_ort(node_host, tiny_index, batch_file):
     assert sum(n > clip for n in py_norms) >= 0.75 * len(py_norms), py_norms  # clipping active on most steps
     np.testing.assert_allclose(node_losses, py_losses, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(node_norms, py_norms, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ Hugging Face tokenizer
+from tests.hf_util import TRICKY, tricky_text  # noqa: E402
+TOKENIZE_SCRIPT = """
+import { readFileSync } from 'node:fs';
+import { loadArtifacts, loadTokenizer } from './gpt2train.mjs';
+const [folder, textsFile] = process.argv.slice(1);
+const { texts, idLists } = JSON.parse(readFileSync(textsFile, 'utf8'));
+const tok = loadTokenizer(loadArtifacts(folder));
+console.log(JSON.stringify({ kind: tok.kind, ids: texts.map((t) => tok.encode(t)), decoded: idLists.map((ids) => tok.decode(ids)) }));
+"""
+
+
+def node_tokenize(folder: Path, texts: list[str], id_lists: list[list[int]], tmp_path: Path) -> dict:
+    """The Node host's loadTokenizer (hosts/common/tokenizer.mjs) on the folder: ids of each text, text of each id list."""
+    f = tmp_path / "texts.json"
+    f.write_text(json.dumps({"texts": texts, "idLists": id_lists}))
+    r = subprocess.run(["node", "--input-type=module", "-e", TOKENIZE_SCRIPT, str(folder), str(f)],
+                       cwd=HOST, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_hf_tokenizer_ids_and_text_equal_python(node_host, tiny_hf, tmp_path):
+    """@huggingface/tokenizers in the Node host gives Python `tokenizers`' ids for the same text
+    (runtimes/tokenizer.py), and decodes ids to the same text, split characters included."""
+    from runtimes.artifacts import load_artifacts
+    from runtimes.tokenizer import load_tokenizer
+
+    py = load_tokenizer(load_artifacts(tiny_hf))
+    texts = [*TRICKY, (ROOT / "hosts" / "web" / "corpus.txt").read_text()]
+    want = [py.encode(t).tolist() for t in texts]
+    assert py.token_to_id("<|endoftext|>") in want[2] and max(map(len, want)) > 500
+    rng = np.random.default_rng(0)  # random ids: merges, bytes that split a character, the special token
+    id_lists = [*want, *(rng.integers(0, py.vocab_size, rng.integers(1, 30)).tolist() for _ in range(100))]
+    got = node_tokenize(tiny_hf, texts, id_lists, tmp_path)
+    assert got["kind"] == "huggingface"
+    for text, a, b in zip(texts, got["ids"], want):
+        assert a == b, f"ids of {text[:40]!r}: node {a[:20]} vs python {b[:20]}"
+    assert got["decoded"] == [py.decode(ids) for ids in id_lists]
+    assert got["decoded"][: len(TRICKY)] == TRICKY  # a byte-level BPE round-trips text
+
+
+def test_hf_text_training_matches_python_ort(node_host, tiny_hf, tmp_path):
+    """--data on a folder with a Hugging Face tokenizer trains on its ids: the windows of Python's
+    ids (same sampler) through the Python `ort` runtime give the Node host's losses."""
+    import runtimes
+    from runtimes.artifacts import load_artifacts
+    from runtimes.tokenizer import load_tokenizer
+    from tests.host_util import window_batches
+
+    text = tmp_path / "text.txt"
+    text.write_bytes(tricky_text())
+    steps, batch, seq, seed, lr = 5, 2, 16, 7, 3e-3
+    r = run_node("--artifacts", tiny_hf, "--data", text, "--steps", steps, "--batch", batch, "--seq", seq,
+                 "--seed", seed, "--lr", lr)
+    ids = load_tokenizer(load_artifacts(tiny_hf)).encode(text.read_bytes().decode("utf-8", errors="replace"))
+    assert f"{len(tricky_text())} bytes, {len(ids)} tokens (huggingface tokenizer.json)" in r.stdout, r.stdout
+    node_losses = losses_of(r.stdout)
+    rt = runtimes.load(tiny_hf, runtime="ort")
+    cfg = rt.art.config
+    py = [rt.step(t, p, l, runtimes.make_hp(lr, cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"], step=i + 1))
+          for i, (t, p, l) in enumerate(window_batches(ids, batch, seq, seed, steps))]
+    diff = max(abs(a - b) for a, b in zip(node_losses, py))
+    print(f"\nhuggingface tokenizer: node vs python ort, {steps} steps on {len(ids)} tokens: max |loss diff| = {diff:.3g}")
+    assert len(node_losses) == steps and diff <= 1e-5
+
+
+def test_error_unknown_tokenizer_kind(node_host, tiny_index, tmp_path):
+    art = _copy_artifacts(tiny_index, tmp_path / "art")
+    m = json.loads((art / "manifest.json").read_text())
+    m["tokenizer"] = {"kind": "sentencepiece", "vocab_size": 256, "file": "tokenizer.model"}
+    (art / "manifest.json").write_text(json.dumps(m))
+    _expect_error(run_node("--artifacts", art, "--steps", 1, check=False),
+                  'tokenizer kind "sentencepiece" is not one this host knows (bytes, huggingface)')
+
+
+def test_error_tampered_tokenizer(node_host, tiny_hf, tmp_path):
+    art = _copy_artifacts(tiny_hf, tmp_path / "art")
+    raw = (art / "tokenizer.json").read_text()
+    (art / "tokenizer.json").write_text(raw.replace('"Ġt"', '"Ġq"', 1))  # one merge's token renamed
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox " * 20)
+    _expect_error(run_node("--artifacts", art, "--data", text, "--steps", 1, check=False), "tokenizer.json", "sha256")
+
+
+def test_error_text_too_short_in_tokens(node_host, tiny_hf, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the the the the")  # 15 bytes, 5 tokens: enough bytes, too few tokens
+    _expect_error(run_node("--artifacts", tiny_hf, "--data", text, "--steps", 1, "--seq", 8, check=False),
+                  "the text holds 5 tokens", "T+1 = 9")
+
+
+def _with_tokenizer_file(art: Path, content: bytes) -> None:
+    """Replace art's tokenizer.json, recording its new hash in the manifest (the file is then intact but not a tokenizer)."""
+    import hashlib
+
+    (art / "tokenizer.json").write_bytes(content)
+    m = json.loads((art / "manifest.json").read_text())
+    sha = hashlib.sha256(content).hexdigest()
+    m["files"]["tokenizer.json"] = {"sha256": sha, "bytes": len(content)}
+    m["tokenizer"]["sha256"] = sha
+    (art / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("not json", "not a readable tokenizer.json"),
+    ("vocab_size", "holds 300 ids, but manifest.json's tokenizer.vocab_size says 299"),
+])
+def test_error_unusable_tokenizer(node_host, tiny_hf, tmp_path, case, needle):
+    art = _copy_artifacts(tiny_hf, tmp_path / "art")
+    if case == "not json":
+        _with_tokenizer_file(art, b'{"model": ')
+    else:
+        m = json.loads((art / "manifest.json").read_text())
+        m["tokenizer"]["vocab_size"] = 299
+        (art / "manifest.json").write_text(json.dumps(m))
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox " * 20)
+    _expect_error(run_node("--artifacts", art, "--data", text, "--steps", 1, check=False), "tokenizer.json", needle)

@@ -73,9 +73,43 @@ def test_gradients_leave_parameters_and_moments_alone(tiny_index):
     assert la == lb and all(same(x, y) for x, y in zip(snapshot(a), snapshot(b)))
 
 
-def test_diverged_step_keeps_parameters_refuses_more_and_resumes(tiny_index, tmp_path):
-    """lr 1e30 at step 2 throws the parameters to ~1e30 (finite); step 3's loss overflows."""
-    rt = runtimes.load(tiny_index, runtime="ort")
+def _swap_folder(tiny_index, tmp_path):
+    """A copy of tiny whose manifest does not allow in-place updates (as folders built before
+    the builder checked for it): the runtime keeps a spare parameter set and swaps."""
+    import json
+    import shutil
+
+    folder = tmp_path / "swap"
+    shutil.copytree(tiny_index, folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    del m["train_step"]["in_place"]
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return folder
+
+
+def test_in_place_and_swapped_parameters_train_identically(tiny_index, tmp_path):
+    """The builder found every reader of a weight runs before its update is written, so the
+    runtime writes new parameters over the old ones; bit for bit what a spare set gives,
+    through train_step.onnx and through grad_step + apply_step."""
+    assert runtimes.load(tiny_index, runtime="ort").art.manifest["train_step"]["in_place"] is True
+    a = runtimes.load(tiny_index, runtime="ort", threads=2)
+    b = runtimes.load(_swap_folder(tiny_index, tmp_path), runtime="ort", threads=2)
+    assert a._in_place and not b._in_place
+    vocab = a.art.config["vocab"]
+    for t in range(1, 5):
+        hp = runtimes.make_hp(1e-2, step=t)
+        la = a.step(*batch(vocab, t), hp) if t % 2 else a.step_accumulated([batch(vocab, t), batch(vocab, 10 + t)], hp)
+        lb = b.step(*batch(vocab, t), hp) if t % 2 else b.step_accumulated([batch(vocab, t), batch(vocab, 10 + t)], hp)
+        assert la == lb
+    assert all(same(x, y) for x, y in zip(snapshot(a), snapshot(b)))
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_diverged_step_refuses_more_and_resumes(tiny_index, tmp_path, in_place):
+    """lr 1e30 at step 2 throws the parameters to ~1e30 (finite); step 3's loss overflows.
+    With a spare set the parameters stay at step 2; in place they took the update too."""
+    folder = tiny_index if in_place else _swap_folder(tiny_index, tmp_path)
+    rt = runtimes.load(folder, runtime="ort")
     vocab = rt.art.config["vocab"]
     rt.step(*batch(vocab, 1), runtimes.make_hp(1e-2, step=1))
     ckpt = tmp_path / "ckpt.safetensors"
@@ -83,11 +117,18 @@ def test_diverged_step_keeps_parameters_refuses_more_and_resumes(tiny_index, tmp
     good = snapshot(rt)
     rt.step(*batch(vocab, 2), runtimes.make_hp(1e30, step=2))
     params, m, v = snapshot(rt)
-    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3; the update was not applied to the "
-                                               r"parameters \(they stay at step 2\), but the AdamW moments were updated in place"):
+    said = (r"its update was written in place over the parameters and the AdamW moments" if in_place else
+            r"the update was not applied to the parameters \(they stay at step 2\), but the AdamW moments were "
+            r"updated in place")
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3; " + said):
         rt.step(*batch(vocab, 3), runtimes.make_hp(1e30, step=3))
-    assert rt.step_count == 2 and same(rt.parameters(), params)
-    assert not same(rt.moments()[1], v)  # written in place: the documented cost of keeping one set
+    assert rt.step_count == 2
+    if in_place:
+        with pytest.raises(TrainingDiverged, match=r"step 3 diverged and its in-place parameters and AdamW moments"):
+            rt.parameters()
+    else:
+        assert same(rt.parameters(), params)
+        assert not same(rt.moments()[1], v)  # written in place: the documented cost of keeping one set
     with pytest.raises(TrainingDiverged, match=r"step 3 diverged.*continue from a checkpoint"):
         rt.step(*batch(vocab, 3), runtimes.make_hp(1e-3, step=3))
     with pytest.raises(TrainingDiverged, match=r"step 3 diverged"):

@@ -25,6 +25,9 @@ import pytest
 
 import runtimes
 from runtimes.data import dense_labels, encode, fixed_batches
+from tests.hf_util import tricky_text
+from tests.host_util import mulberry32, window_batches
+from tests.test_transformersjs import node  # noqa: F401  (fixture: transformers.js installed)
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "hosts" / "web"
@@ -35,6 +38,7 @@ NEEDED = (
     "node_modules/onnxruntime-web/dist/ort.wasm.min.mjs",
     "node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm",
     "node_modules/playwright-core/package.json",
+    "node_modules/@huggingface/tokenizers/dist/tokenizers.min.mjs",
 )
 
 N_STEPS, BATCH, SEQ = 20, 4, 64
@@ -121,42 +125,23 @@ class Server:
                 self.proc.wait()
 
 
-def mulberry32(seed: int):
-    """The page's PRNG (hosts/web/lib.mjs), in Python: floats in [0, 1)."""
-    a = seed & 0xFFFFFFFF
-    m = 0xFFFFFFFF
-
-    def nxt() -> float:
-        nonlocal a
-        a = (a + 0x6D2B79F5) & m
-        x = a
-        x = ((x ^ (x >> 15)) * (x | 1)) & m
-        x = (x ^ ((x + ((x ^ (x >> 7)) * (x | 61))) & m)) & m
-        return ((x ^ (x >> 14)) & m) / 4294967296
-
-    return nxt
-
-
 def page_text_batches(data: bytes, batch: int, seq: int, seed: int, n: int):
-    """The batches the page draws from a text (lib.mjs byteSampler), in Python."""
-    rand, high = mulberry32(seed), len(data) - seq
-    arr = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-    out = []
-    for _ in range(n):
-        offs = [int(rand() * high) for _ in range(batch)]
-        win = np.stack([arr[o: o + seq + 1] for o in offs])
-        out.append((win[:, :-1].copy(), np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy(), win[:, 1:].copy()))
-    return out
+    """The batches the page draws from a text's bytes (hosts/common/samplers.mjs byteSampler), in Python."""
+    return window_batches(np.frombuffer(data, dtype=np.uint8), batch, seq, seed, n)
 
 
 # The pages one Chromium session drives, in order (the screenshot is of the first).
 TEXT_MODE = dict(batch=2, seq=32, seed=7, lr=0.002, clip=0.5, threads=2)  # no step limit: the driver presses Stop
 TEXT_STOP_AFTER = 5
 ST_STEPS, ST_LR = 3, 3e-3
+# The Hugging Face folder's page: the text mode on tricky_text() through its tokenizer.json, then a
+# greedy sample from a prompt with a special token and non-ASCII text.
+HF_MODE = dict(batch=2, seq=16, seed=5, lr=0.003, steps=4, clip=1)
+HF_PROMPT, HF_GEN = "naïve <|endoftext|>The ", 10
 
 
 @pytest.fixture(scope="module")
-def web_runs(web_tooling, tiny_index, tiny_dense, tmp_path_factory):
+def web_runs(web_tooling, tiny_index, tiny_dense, tiny_hf, tmp_path_factory):
     """Serve artifacts and batch files, drive the page in Chromium; returns {name: (batches, result)}.
 
     main:      tiny (index labels), 20 Python batches as JSON, sampled text, then Export (the download
@@ -165,7 +150,11 @@ def web_runs(web_tooling, tiny_index, tiny_dense, tmp_path_factory):
     st_dense:  tiny dense labels, a safetensors batch file from runtimes.batchfile
     mismatch:  that batch file (written for dense labels) against index-label artifacts: refused
     tampered:  a copy of tiny whose weights.safetensors has one byte changed: refused (sha256)
+    hf:        a folder built --from-hf: the text mode on its tokenizer.json's ids, a greedy sample
+    tokkind:   a copy of tiny whose manifest names a tokenizer kind the page does not know: refused
     """
+    from urllib.parse import quote
+
     from runtimes.batchfile import write_batches
 
     root = tmp_path_factory.mktemp("web-root")
@@ -181,6 +170,13 @@ def web_runs(web_tooling, tiny_index, tiny_dense, tmp_path_factory):
     raw = bytearray((tampered / "weights.safetensors").read_bytes())
     raw[-5] ^= 0x01  # a low mantissa bit of the last weight: still a valid file, different hash
     (tampered / "weights.safetensors").write_bytes(bytes(raw))
+    (arts / "hf").symlink_to(tiny_hf, target_is_directory=True)
+    (data / "hf.txt").write_bytes(tricky_text())
+    tokkind = arts / "tokkind"
+    shutil.copytree(tiny_index, tokkind)
+    m = json.loads((tokkind / "manifest.json").read_text())
+    m["tokenizer"] = {"kind": "sentencepiece", "vocab_size": 256, "file": "tokenizer.model"}
+    (tokkind / "manifest.json").write_text(json.dumps(m))
 
     corpus = (WEB / "corpus.txt").read_bytes()
     main = fixed_batches(encode(corpus), BATCH, SEQ, N_STEPS, seed=0)
@@ -195,18 +191,21 @@ def web_runs(web_tooling, tiny_index, tiny_dense, tmp_path_factory):
         "st_dense": (st, "?artifacts=/artifacts/tiny-dense&batches=/data/dense.safetensors&gen=8"),
         "mismatch": (None, "?artifacts=/artifacts/tiny&batches=/data/dense.safetensors"),
         "tampered": (None, "?artifacts=/artifacts/tampered"),
+        "hf": (None, "?artifacts=/artifacts/hf&corpus=/data/hf.txt&" + "&".join(f"{k}={v}" for k, v in HF_MODE.items())
+               + f"&gen={HF_GEN}&temperature=0&prompt={quote(HF_PROMPT)}"),
+        "tokkind": (None, "?artifacts=/artifacts/tokkind"),
     }
     server = Server(web_tooling, arts, data)
     try:
         shot, exported = root / "web-host.png", root / "exported.safetensors"
-        cmd = [web_tooling, str(WEB / "drive.mjs"), "--screenshot", str(shot), "--timeout", "60"]
+        cmd = [web_tooling, str(WEB / "drive.mjs"), "--screenshot", str(shot), "--timeout", "120"]
         for name, (_, query) in pages.items():
             cmd += ["--url", server.url + query]
             if name == "main":
                 cmd += ["--export", str(exported)]
             if name == "text":
                 cmd += ["--stop-after", str(TEXT_STOP_AFTER)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480)
     finally:
         server.close()
     # 1: some page reported an error (two of them must); anything else is a failure of the run.
@@ -237,17 +236,18 @@ def _python_run(folder: Path, batches, lr: float, dense: bool = False, clip: flo
     return out, rt
 
 
-def _check_sample(result: dict, rt, n_gen: int, temperature: float, seed: int = 0) -> None:
-    """The page's sample is shown and each generated byte is what forward.onnx under the trained
+def _check_sample(result: dict, rt, n_gen: int, temperature: float, seed: int = 0, tokenizer=None, prompt=PROMPT) -> None:
+    """The page's sample is shown and each generated byte (or token, with a tokenizer: Python's
+    `tokenizers` encodes the prompt and decodes the text) is what forward.onnx under the trained
     weights gives in Python: the argmax (greedy), or the byte whose softmax interval holds the
     page's uniform draw (mulberry32(seed), one per byte), up to float tolerance."""
     sample = result["sample"]
     assert sample is not None and sample["step"] == len(result["log"]) and sample["temperature"] == temperature
     seq = sample["tokens"]
-    prompt = list(PROMPT.encode("utf-8"))
+    prompt = tokenizer.encode(prompt).tolist() if tokenizer else list(prompt.encode("utf-8"))
     assert sample["promptLength"] == len(prompt) and seq[: len(prompt)] == prompt
     assert len(seq) == len(prompt) + n_gen
-    shown = bytes(seq).decode("utf-8", errors="replace")
+    shown = tokenizer.decode(seq) if tokenizer else bytes(seq).decode("utf-8", errors="replace")
     assert result["sampleText"] == shown == sample["text"]
     ctx_len, rand = rt.art.config["context"], mulberry32(seed)
     for i in range(len(prompt), len(seq)):
@@ -332,6 +332,23 @@ def test_web_export_weights(web_runs, tiny_index, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
 
+def test_web_export_becomes_a_transformersjs_folder(web_runs, tiny_index, node, tmp_path, capsys):
+    """What the READMEs say of the page's Export: `runtimes export --weights weights.safetensors
+    --artifacts ART --onnx DIR` makes a folder transformers.js loads from disk, whose greedy ids are
+    runtimes.sample's on the page's weights."""
+    from safetensors.numpy import load_file
+
+    from runtimes.artifacts import load_artifacts
+    from tests.test_transformersjs import export, ours, transformersjs_generate
+
+    _, result = web_runs["main"]
+    assert result["error"] is None, result["error"]
+    out = export(capsys, tmp_path / "tjs", "--weights", result["exportPath"], "--artifacts", str(tiny_index))
+    got = transformersjs_generate(node, out, PROMPT)
+    prompt, new = ours(load_artifacts(tiny_index), load_file(result["exportPath"]), PROMPT)
+    assert got["ids"] == prompt + new
+
+
 def test_web_text_mode_batches_match_python(web_runs, tiny_index):
     """Without ?batches the page samples the bundled text itself until Stop is pressed; the
     same windows in Python give the same losses (checks the page's sampler, URL parameters,
@@ -364,6 +381,31 @@ def test_web_refuses_bad_inputs(web_runs):
     _, tampered = web_runs["tampered"]
     assert tampered["log"] == [] and tampered["sample"] is None
     assert "weights.safetensors" in (tampered["error"] or "") and "sha256" in tampered["error"], tampered["error"]
+    _, tokkind = web_runs["tokkind"]
+    assert tokkind["log"] == [] and tokkind["sample"] is None
+    assert 'tokenizer kind "sentencepiece" is not one this host knows (bytes, huggingface)' in (tokkind["error"] or ""), tokkind["error"]
+
+
+def test_web_hf_tokenizer_text_mode_matches_python(web_runs, tiny_hf):
+    """A folder built --from-hf: the page tokenizes its text with the folder's tokenizer.json
+    (@huggingface/tokenizers) into Python `tokenizers`' ids, trains on their windows with the Python
+    `ort` runtime's losses, and encodes the prompt and decodes the greedy sample as Python does."""
+    from runtimes.artifacts import load_artifacts
+    from runtimes.tokenizer import load_tokenizer
+
+    _, result = web_runs["hf"]
+    assert result["error"] is None, result["error"]
+    tok = load_tokenizer(load_artifacts(tiny_hf))
+    ids = tok.encode(tricky_text().decode("utf-8", errors="replace"))
+    assert f"{len(tricky_text())} bytes, {len(ids)} tokens of tokenizer.json" in result["info"], result["info"]
+    assert "tokenizer huggingface" in result["info"]
+    batches = window_batches(ids, HF_MODE["batch"], HF_MODE["seq"], HF_MODE["seed"], HF_MODE["steps"])
+    py, rt = _python_run(tiny_hf, batches, HF_MODE["lr"], clip=HF_MODE["clip"])
+    assert max(rt.norms) > HF_MODE["clip"]  # clipping at work
+    _compare("huggingface tokenizer, text mode", result, py)
+    _check_sample(result, rt, HF_GEN, 0, tokenizer=tok, prompt=HF_PROMPT)
+    assert tok.token_to_id("<|endoftext|>") in result["sample"]["tokens"]
+    assert result["sampleText"].startswith(HF_PROMPT)
 
 
 def test_web_screenshot_is_png(web_runs):

@@ -26,11 +26,12 @@ function emptyBatch(batch, seq) {
  * Random windows of a byte array (byte tokens), like runtimes.data.BatchSampler but with
  * mulberry32's stream: for each row, offset o = floor(rand() * (len - T)), tokens
  * bytes[o:o+T], labels bytes[o+1:o+T+1], positions 0..T-1. Returns a function giving the
- * next batch; its `offsets` lists each row's o.
+ * next batch; its `offsets` lists each row's o. `bytes` may be any array of token ids
+ * (tokenSampler); `unit` names them in the message for a text too short.
  */
-export function byteSampler(bytes, batch, seq, seed, Err = Error) {
+export function byteSampler(bytes, batch, seq, seed, Err = Error, unit = 'bytes') {
   if (bytes.length < seq + 1) {
-    throw new Err(`the text holds ${bytes.length} bytes; one batch of sequence length T=${seq} needs at least T+1 = ${seq + 1}`);
+    throw new Err(`the text holds ${bytes.length} ${unit}; one batch of sequence length T=${seq} needs at least T+1 = ${seq + 1}`);
   }
   const rand = mulberry32(seed);
   const high = bytes.length - seq; // offsets 0 .. len-T-1
@@ -48,6 +49,11 @@ export function byteSampler(bytes, batch, seq, seed, Err = Error) {
     }
     return out;
   };
+}
+
+/** byteSampler's windows over a tokenizer's ids (hosts/common/tokenizer.mjs encode) of a text. */
+export function tokenSampler(ids, batch, seq, seed, Err = Error) {
+  return byteSampler(ids, batch, seq, seed, Err, 'tokens');
 }
 
 /** Seeded uniformly random token ids in [0, vocab); labels are the next id of the same row. */

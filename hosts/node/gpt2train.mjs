@@ -31,8 +31,11 @@ import { checkClip, checkHp as commonCheckHp, makeHp as commonMakeHp } from '../
 import { checkManifest, weightsFor } from '../common/manifest.mjs';
 import { checkSelfContained } from '../common/onnx_scan.mjs';
 import { encodeSafetensors as commonEncodeSafetensors, parseSafetensors } from '../common/safetensors.mjs';
-import { byteSampler as commonByteSampler, mulberry32, randomSampler } from '../common/samplers.mjs';
+import { byteSampler as commonByteSampler, mulberry32, randomSampler, tokenSampler as commonTokenSampler } from '../common/samplers.mjs';
+import { TOKENIZER_FILE, makeTokenizer, tokenizerEntry } from '../common/tokenizer.mjs';
 import { numel, unravel } from '../common/util.mjs';
+
+import { Tokenizer } from '@huggingface/tokenizers';
 
 const require = createRequire(import.meta.url);
 
@@ -229,26 +232,8 @@ export function loadArtifacts(folder, needs = []) {
     throw new ArtifactError(`${mpath} is not valid JSON: ${e.message}`);
   }
   checkManifest(manifest, mpath, ArtifactError);
-  const verified = new Map();
-  for (const name of needs) {
-    const info = Object.prototype.hasOwnProperty.call(manifest.files, name) ? manifest.files[name] : undefined;
-    if (!info) throw new ArtifactError(`${folder}: manifest.json lists no file ${name}`);
-    const file = path.join(folder, name);
-    if (!existsSync(file)) throw new ArtifactError(`${folder}: file ${name} listed in manifest.json is missing`);
-    let bytes;
-    try {
-      bytes = readFileSync(file);
-    } catch (e) {
-      throw new ArtifactError(`${file} cannot be read: ${e.message}`);
-    }
-    if (bytes.length !== info.bytes) throw new ArtifactError(`${file}: ${bytes.length} bytes, manifest.json says ${info.bytes} (truncated or replaced?)`);
-    const sha = createHash('sha256').update(bytes).digest('hex');
-    if (sha !== info.sha256) {
-      throw new ArtifactError(`${file}: sha256 ${sha} differs from manifest.json's ${info.sha256} (corrupted or from another build)`);
-    }
-    if (name.endsWith('.onnx')) checkSelfContained(bytes, file, ArtifactError);
-    verified.set(name, bytes);
-  }
+  const tokenizer = tokenizerEntry(manifest, mpath, ArtifactError); // a kind this host cannot tokenize is refused here
+  const verified = new Map(needs.map((name) => [name, verifiedFile(folder, manifest, name)]));
   const params = manifest.parameters.map((p) => ({ name: p.name, shape: p.shape.slice(), dtype: p.dtype }));
   return {
     folder,
@@ -256,6 +241,8 @@ export function loadArtifacts(folder, needs = []) {
     config: manifest.config,
     params,
     shapes: Object.fromEntries(params.map((p) => [p.name, p.shape])),
+    /** The manifest's tokenizer entry (hosts/common/tokenizer.mjs tokenizerEntry; loadTokenizer opens it). */
+    tokenizer,
     file: (name) => path.join(folder, name),
     /** The verified bytes of a file in `needs`, once (then dropped, so they are not held twice);
      *  undefined for any other name. */
@@ -265,6 +252,42 @@ export function loadArtifacts(folder, needs = []) {
       return bytes;
     },
   };
+}
+
+/**
+ * The bytes of file `name` of the artifact folder, checked against the manifest: listed, present,
+ * of the listed size and sha256, and an .onnx self-contained (no external data).
+ */
+function verifiedFile(folder, manifest, name) {
+  const info = Object.prototype.hasOwnProperty.call(manifest.files, name) ? manifest.files[name] : undefined;
+  if (!info) throw new ArtifactError(`${folder}: manifest.json lists no file ${name}`);
+  const file = path.join(folder, name);
+  if (!existsSync(file)) throw new ArtifactError(`${folder}: file ${name} listed in manifest.json is missing`);
+  let bytes;
+  try {
+    bytes = readFileSync(file);
+  } catch (e) {
+    throw new ArtifactError(`${file} cannot be read: ${e.message}`);
+  }
+  if (bytes.length !== info.bytes) throw new ArtifactError(`${file}: ${bytes.length} bytes, manifest.json says ${info.bytes} (truncated or replaced?)`);
+  const sha = createHash('sha256').update(bytes).digest('hex');
+  if (sha !== info.sha256) {
+    throw new ArtifactError(`${file}: sha256 ${sha} differs from manifest.json's ${info.sha256} (corrupted or from another build)`);
+  }
+  if (name.endsWith('.onnx')) checkSelfContained(bytes, file, ArtifactError);
+  return bytes;
+}
+
+/**
+ * The artifact folder's tokenizer (hosts/common/tokenizer.mjs makeTokenizer): {kind, vocabSize,
+ * encode(text) -> ids, decode(ids) -> text}. Byte-level, or the folder's tokenizer.json (checked
+ * against the manifest first) run by @huggingface/tokenizers: Python `tokenizers`' ids.
+ */
+export function loadTokenizer(art) {
+  const entry = art.tokenizer;
+  if (entry.kind === 'bytes') return makeTokenizer(entry, {}, ArtifactError);
+  const json = art.take(TOKENIZER_FILE) ?? verifiedFile(art.folder, art.manifest, TOKENIZER_FILE);
+  return makeTokenizer(entry, { json, Tokenizer, where: art.file(TOKENIZER_FILE) }, ArtifactError);
 }
 
 /** weights.safetensors (or `file`) checked against the manifest: every parameter, float32, the
@@ -661,4 +684,9 @@ export function readBatchFile(file, config) {
 /** Random windows of a byte array (hosts/common/samplers.mjs byteSampler; a text too short is DataError). */
 export function byteSampler(bytes, batch, seq, seed) {
   return commonByteSampler(bytes, batch, seq, seed, DataError);
+}
+
+/** The same windows over a tokenizer's ids of a text (hosts/common/samplers.mjs tokenSampler). */
+export function tokenSampler(ids, batch, seq, seed) {
+  return commonTokenSampler(ids, batch, seq, seed, DataError);
 }

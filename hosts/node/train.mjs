@@ -22,10 +22,13 @@ import {
   checkOutputPath,
   denseLabels,
   loadArtifacts,
+  loadTokenizer,
   makeHp,
   randomSampler,
   readBatchFile,
+  tokenSampler,
 } from './gpt2train.mjs';
+import { decodeText } from '../common/tokenizer.mjs';
 
 const USAGE = `usage: node train.mjs --artifacts DIR [--steps N] [--lr LR] [--batch B] [--seq T] [--seed S]
        [--data FILE | --batches FILE] [--out FILE] [--clip C] [--training-set] [--threads K]
@@ -35,7 +38,8 @@ const USAGE = `usage: node train.mjs --artifacts DIR [--steps N] [--lr LR] [--ba
   --batch B         sequences per step (default 4)
   --seq T           tokens per sequence (default: the artifacts' context)
   --seed S          sampler seed (default 1)
-  --data FILE       train on this file's bytes (byte tokens)
+  --data FILE       train on this file's text: its bytes, or, where the folder has a Hugging Face
+                    tokenizer (manifest tokenizer kind "huggingface"), its tokenizer.json ids
   --batches FILE    train on batches written by python -m runtimes.batchfile
                     (neither: seeded random tokens)
   --out FILE        save the trained weights here, safetensors (default: not saved);
@@ -136,8 +140,15 @@ async function main(argv) {
     if (o.data) {
       if (!existsSync(o.data) || !statSync(o.data).isFile()) throw new DataError(`--data ${o.data}: no such file`);
       const bytes = readFileSync(o.data);
-      if (cfg.vocab < 256) throw new DataError(`--data trains on byte tokens (0..255), but the artifacts' vocab is ${cfg.vocab}`);
-      next = byteSampler(bytes, batch, seq, seed);
+      const tok = loadTokenizer(art);
+      if (tok.kind === 'bytes') {
+        if (cfg.vocab < 256) throw new DataError(`--data trains on byte tokens (0..255), but the artifacts' vocab is ${cfg.vocab}`);
+        next = byteSampler(bytes, batch, seq, seed);
+      } else {
+        const ids = tok.encode(decodeText(bytes));
+        console.log(`data ${o.data}: ${bytes.length} bytes, ${ids.length} tokens (${tok.kind} tokenizer.json)`);
+        next = tokenSampler(ids, batch, seq, seed);
+      }
     } else {
       next = randomSampler(cfg.vocab, batch, seq, seed);
     }

@@ -9,13 +9,16 @@
 
 import { checkManifest } from '../common/manifest.mjs';
 import { checkSelfContained } from '../common/onnx_scan.mjs';
+import { tokenizerEntry } from '../common/tokenizer.mjs';
 
 export { checkSelfContained };
 
-/** Check manifest.json (hosts/common checkManifest) and return what the page needs from it. */
+/** Check manifest.json (hosts/common checkManifest, and its tokenizer entry: a kind the page cannot
+ *  tokenize is refused) and return what the page needs from it. */
 export function readManifest(manifest, where = 'manifest.json') {
   checkManifest(manifest, where);
-  return { config: manifest.config, params: manifest.parameters, files: manifest.files };
+  const tokenizer = tokenizerEntry(manifest, where);
+  return { config: manifest.config, params: manifest.parameters, files: manifest.files, tokenizer };
 }
 
 /**

@@ -11,6 +11,7 @@
 //                  the repository's layout, so the modules' relative imports
 //                  (../common/x.mjs, ../../contract/constants.json) resolve as on disk
 //   /ort/...       node_modules/onnxruntime-web/dist/ (ort.*.mjs and the .wasm files)
+//   /tokenizers/... node_modules/@huggingface/tokenizers/dist/ (tokenizer.json in the page)
 //   /artifacts/... the folder given by --artifacts (read-only), e.g. /artifacts/tiny/manifest.json
 //   /data/...      the folder given by --data, when given (batch files for ?batches=)
 // Every response carries COOP/COEP headers, so the page is cross-origin isolated and
@@ -130,13 +131,20 @@ if (!existsSync(join(ortDist, 'ort.wasm.min.mjs'))) {
   process.exit(1);
 }
 ortDist = realpathSync(ortDist);
+let tokDist = join(HERE, 'node_modules', '@huggingface', 'tokenizers', 'dist');
+if (!existsSync(join(tokDist, 'tokenizers.min.mjs'))) {
+  process.stderr.write(`serve.mjs: ${tokDist} is missing: run \`npm ci\` in ${HERE} first\n`);
+  process.exit(1);
+}
+tokDist = realpathSync(tokDist);
 
 // Mount table: [URL prefix, folder, what it serves]. The first matching prefix serves; '/' last.
 const artifactsRoot = checkDir(opts.artifacts, '--artifacts');
 const anyFile = () => true;
-const notNodeModules = (parts) => parts[0] !== 'node_modules'; // node_modules only via /ort/
+const notNodeModules = (parts) => parts[0] !== 'node_modules'; // node_modules only via /ort/ and /tokenizers/
 const mounts = [
   ['/ort/', ortDist, anyFile],
+  ['/tokenizers/', tokDist, anyFile],
   ['/artifacts/', artifactsRoot, anyFile],
   ['/hosts/common/', COMMON, anyFile],
   ['/hosts/web/', HERE, notNodeModules],
