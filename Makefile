@@ -10,13 +10,13 @@ ENGSTAMP:= $(ENGVENV)/.installed
 CONFIGS ?= tiny small
 STEPS   ?=
 
-.PHONY: all venv artifacts train finetune test parity web soak bench bench-lora clean
+.PHONY: all venv artifacts train train-dp finetune test parity web soak bench bench-lora clean
 
 all: artifacts
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q -e '.[training,test]'
+	$(VPY) -m pip install -q -e '.[training,test,mpi]'
 	touch $@
 
 # Current onnxruntime (>= 1.20) cannot share an environment with onnxruntime-training:
@@ -49,6 +49,13 @@ finetune: $(STAMP)
 
 train: artifacts/small/manifest.json
 	$(VPY) -m runtimes train --artifacts artifacts/small --out runs/small $(if $(STEPS),--steps $(STEPS))
+
+# Data parallel on NP ranks of this machine (MPI; see README "More than one machine"). As root Open MPI
+# needs --allow-run-as-root; --oversubscribe lets NP exceed the cores.
+NP ?= 2
+train-dp: artifacts/small/manifest.json
+	$(VENV)/bin/mpiexec -n $(NP) --allow-run-as-root --oversubscribe $(VPY) -m runtimes train --data-parallel \
+		--artifacts artifacts/small --out runs/small-dp $(if $(STEPS),--steps $(STEPS)) $(if $(SHARD),--shard-optimizer)
 
 WEBPORT  ?= 8000
 WEBSTAMP := hosts/web/node_modules/.installed

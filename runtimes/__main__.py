@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--accumulate", type=int, default=_D.accumulate, metavar="K",
                    help="split each batch into K equal micro-batches whose gradients are averaged before one update "
                         "(grad_step.onnx + apply_step.onnx; --batch must be divisible by K; default 1: train_step.onnx)")
+    t.add_argument("--data-parallel", action="store_true",
+                   help="one of N ranks under mpiexec -n N (MPI; pip install '.[mpi]'): each takes 1/N of every batch, "
+                        "gradients are averaged with Allreduce; --batch must be divisible by N x --accumulate")
+    t.add_argument("--shard-optimizer", action="store_true",
+                   help="with --data-parallel: each rank keeps and updates the AdamW moments of 1/N of the parameters "
+                        "(ZeRO stage 1), then the parameters are broadcast")
     t.add_argument("--seed", type=int, default=_D.seed, help="data sampler seed")
     t.add_argument("--data", default=None, help="text file or folder (default: the Python standard library's sources)")
     t.add_argument("--out", default=_D.out, help=f"run folder (default {_D.out})")
@@ -125,16 +131,23 @@ def main(argv: list[str] | None = None) -> int:
         eval_every=a.eval_every, eval_batches=a.eval_batches, checkpoint_every=a.checkpoint_every,
         threads=a.threads, sample_bytes=a.sample_bytes, resume=a.resume, progress=not a.no_progress,
         stop_after=a.stop_after, clip=a.clip, accumulate=a.accumulate,
+        data_parallel=a.data_parallel, shard_optimizer=a.shard_optimizer,
     )
     import_onnxruntime()  # before train() loads a runtime: skips the training wheel's torch import
     try:
         s = train(opts)
     except GPT2OnnxError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        if opts.data_parallel:
+            from .distributed import abort_on_error
+
+            abort_on_error()  # the other ranks would wait for this one
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept", file=sys.stderr)
         return 130
+    if s["out"] is None:  # a data-parallel rank other than 0: rank 0 reports
+        return 0
     print(f"validation loss {s['first_val_loss']:.4f} -> {s['final_val_loss']:.4f} in {s['steps']} steps, "
           f"{s['seconds']:.0f}s, {s['tokens_per_s']:.0f} tokens/s; wrote {s['out']}/loss.png")
     if "sample" in s:

@@ -27,6 +27,9 @@ from contract.manifest import frozen_of, tokenizer_of
 from .errors import ArtifactError
 
 
+SPLIT_STEP_FILES = ("grad_step.onnx", "apply_step.onnx")  # gradient accumulation and data parallel
+
+
 @dataclass
 class Artifacts:
     folder: Path
@@ -103,6 +106,10 @@ class Artifacts:
         return tokenizer_of(self.manifest)
 
     def path(self, name: str) -> Path:
+        if name not in self.manifest["files"] and name in SPLIT_STEP_FILES:
+            raise ArtifactError(
+                f"{self.folder} predates the split step graphs ({name}) that --accumulate and --data-parallel run: "
+                f"rebuild it (python -m graphgen build --config NAME --out NEW_FOLDER, or --from-hf as before)")
         if name not in self.manifest["files"]:
             raise ArtifactError(f"{self.folder}: manifest.json lists no file {name!r} (artifacts from another version?)")
         return self.folder / name

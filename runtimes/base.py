@@ -114,6 +114,10 @@ class Runtime:
             raise InputError("micro_batches must be a non-empty sequence of (tokens, positions, labels)")
         return batches
 
+    def losses(self, batches) -> list[float]:
+        """``loss`` of each (tokens, positions, labels) in order (data parallel: shared out among the ranks)."""
+        return [self.loss(*b) for b in batches]
+
     def loss(self, tokens, positions, labels) -> float:
         """Mean loss of a batch under the current parameters; no update."""
         tokens, positions, labels = self._batch(tokens, positions, labels)
@@ -191,6 +195,27 @@ class Runtime:
     def _step_accumulated(self, batches, hp, clip) -> float:
         """One update from checked, equally shaped micro-batches; sets ``self.last_grad_norm``
         (of the averaged gradient) and returns the mean of their losses."""
+        raise NotImplementedError
+
+    # The split step, for backends with ``accumulates`` (runtimes/distributed.py drives these directly).
+
+    def _micro_gradients(self, tokens, positions, labels, out=None) -> tuple[float, dict[str, np.ndarray]]:
+        """grad_step.onnx on one checked micro-batch under the current parameters: (loss, gradients).
+        ``out`` ({param: C-contiguous float32 array}): the gradients are written there (and returned)."""
+        raise NotImplementedError
+
+    def _apply_gradients(self, grads: dict[str, np.ndarray], hp, clip) -> None:
+        """apply_step.onnx with these gradients (clipping by their global norm, AdamW), committed; sets
+        ``last_grad_norm``. After ``_shard_moments`` only the parameters it kept are updated."""
+        raise NotImplementedError
+
+    def _shard_moments(self, owned: list[str]) -> None:
+        """Keep the AdamW moments of ``owned`` parameters only (ZeRO-1); from then on ``_apply_gradients``
+        updates those parameters alone and ``moments`` returns theirs."""
+        raise NotImplementedError
+
+    def _parameter_buffers(self, names: list[str]) -> dict[str, np.ndarray]:
+        """Writable float32 host arrays that are the live storage of these parameters (no copy)."""
         raise NotImplementedError
 
     def _loss(self, tokens, positions, labels) -> float:

@@ -26,6 +26,9 @@ stops there and names the last good checkpoint).
 
 from __future__ import annotations
 
+import ctypes
+import math
+
 import numpy as np
 
 from contract import (BATCH_INPUTS, CLIP_INPUT, GRAD_NORM_OUTPUT, HP_INPUT, LOGITS_OUTPUT, LOSS_OUTPUT, grad_name, m_name,
@@ -131,6 +134,8 @@ class OrtRuntime(Runtime):
         self._in_place = bool(art.manifest["train_step"].get("in_place"))
         weights = art.initial_weights()
         zeros = {n: np.zeros_like(w) for n, w in weights.items()}
+        self._owned: list[str] | None = None  # parameters whose moments this process keeps (None: all)
+        self._sharded_apply = None
         self._set_state(weights, zeros, zeros)
         self._frozen = self._upload_frozen(art.frozen_weights())  # bound as inputs, never written
         self._stale_moments_at: int | None = None  # the step whose diverged update left the moments written
@@ -202,6 +207,8 @@ class OrtRuntime(Runtime):
 
     def _step(self, tokens, positions, labels, hp, clip) -> float:
         self._check_moments()
+        if self._owned is not None:
+            raise RuntimeUnavailable("with sharded moments only the split step runs (runtimes/distributed.py)")
         loss = self._run(tokens, positions, labels, hp, clip)
         self.last_grad_norm = float(self._norm_out.numpy())
         if not np.isfinite(loss):
@@ -248,8 +255,9 @@ class OrtRuntime(Runtime):
             )
         return self._sessions[model]
 
-    def _micro_gradients(self, tokens, positions, labels) -> tuple[float, dict[str, np.ndarray]]:
-        """grad_step.onnx on the parameters where they live; loss and gradients come back to the CPU."""
+    def _micro_gradients(self, tokens, positions, labels, out=None) -> tuple[float, dict[str, np.ndarray]]:
+        """grad_step.onnx on the parameters where they live; loss and gradients come back to the CPU
+        (on the CPU provider straight into ``out``'s arrays, which the outputs are bound to: no copy)."""
         sess = self._session("grad_step.onnx")
         b = sess.io_binding()
         self._bind_frozen(b)
@@ -257,11 +265,23 @@ class OrtRuntime(Runtime):
             b.bind_ortvalue_input(n, self._state[n])
         for name, arr in zip(BATCH_INPUTS, (tokens, positions, labels)):
             b.bind_cpu_input(name, arr)
-        for name in [LOSS_OUTPUT] + [grad_name(n) for n in self._names]:
-            b.bind_output(name, "cpu")
+        b.bind_ortvalue_output(LOSS_OUTPUT, self._loss_out)
+        direct = out is not None and self._ort_device == "cpu"
+        for n in self._names:
+            if direct:  # an OrtValue over the array's own memory: grad_step writes the gradient there
+                b.bind_ortvalue_output(grad_name(n), self._ort.OrtValue.ortvalue_from_numpy(out[n]))
+            else:
+                b.bind_output(grad_name(n), "cpu")
         sess.run_with_iobinding(b)
-        loss, *grads = b.copy_outputs_to_cpu()
-        return float(loss), dict(zip(self._names, grads))
+        loss = float(self._loss_out.numpy())
+        if direct:
+            return loss, out
+        grads = dict(zip(self._names, b.copy_outputs_to_cpu()[1:]))
+        if out is not None:
+            for n in self._names:
+                np.copyto(out[n], grads[n])
+            return loss, out
+        return loss, grads
 
     def _step_accumulated(self, batches, hp, clip) -> float:
         # The gradient sum is kept in NumPy on the CPU (base.mean_gradients): one copy of
@@ -270,24 +290,57 @@ class OrtRuntime(Runtime):
         loss, grads = mean_gradients(self._micro_gradients(*mb) for mb in batches)
         if not np.isfinite(loss):  # known before any state is written: nothing is applied
             raise TrainingDiverged(f"mean loss is {loss} at step {self.step_count + 1}; the update was not applied")
-        sess = self._session("apply_step.onnx")
+        self._apply_gradients(grads, hp, clip)
+        return loss
+
+    def _apply_gradients(self, grads, hp, clip) -> None:
+        """apply_step.onnx (or, with sharded moments, its cut to the owned parameters: shard.py)."""
+        if self._owned is None:
+            sess, updated = self._session("apply_step.onnx"), self._names
+        else:
+            sess, updated = self._sharded_apply, self._owned
         b = sess.io_binding()
-        for name, value in self._state.items():
-            b.bind_ortvalue_input(name, value)
+        for n in updated:
+            for name in (n, m_name(n), v_name(n)):
+                b.bind_ortvalue_input(name, self._state[name])
         for n in self._names:
             b.bind_cpu_input(grad_name(n), grads[n])
         b.bind_cpu_input(HP_INPUT, hp)
         b.bind_cpu_input(CLIP_INPUT, clip)
         b.bind_ortvalue_output(GRAD_NORM_OUTPUT, self._norm_out)
-        for n in self._names:  # as in _run: parameters to the spare set, moments in place
+        for n in updated:  # as in _run: parameters to the spare set, moments in place
             b.bind_ortvalue_output(new_name(n), self._spare[n])
             b.bind_ortvalue_output(new_m_name(n), self._state[m_name(n)])
             b.bind_ortvalue_output(new_v_name(n), self._state[v_name(n)])
         sess.run_with_iobinding(b)
         self.last_grad_norm = float(self._norm_out.numpy())
-        for n in self._names:
+        for n in updated:
             self._state[n], self._spare[n] = self._spare[n], self._state[n]
-        return loss
+
+    def _shard_moments(self, owned) -> None:
+        """Drop the moments (and, where the folder does not update in place, the spare parameter
+        buffers) of every parameter not in ``owned``: 2 (or 3) x (N-1)/N of the parameters' bytes per
+        rank. The cut apply_step keeps in_place's guarantee: the same nodes, and every update still
+        waits for the global gradient norm."""
+        from .shard import sharded_apply_model
+
+        self._owned = [n for n in self._names if n in set(owned)]
+        model = sharded_apply_model(self.art.path("apply_step.onnx"), self._owned, self._names)
+        self._sharded_apply = self._ort.InferenceSession(model.SerializeToString(), session_options(self.threads),
+                                                         providers=self._providers)
+        for n in self._names:
+            if n not in self._owned:
+                del self._state[m_name(n)], self._state[v_name(n)], self._spare[n]
+
+    def _parameter_buffers(self, names) -> dict[str, np.ndarray]:
+        if self._ort_device != "cpu":
+            raise RuntimeUnavailable("the sharded optimizer exchanges parameters in host memory: run it on the CPU")
+        out = {}
+        for n in names:
+            shape = self.art.param_shapes[n]
+            raw = (ctypes.c_float * math.prod(shape)).from_address(self._state[n].data_ptr())
+            out[n] = np.ctypeslib.as_array(raw).reshape(shape)  # a view of ONNX Runtime's buffer
+        return out
 
     def _run_on_state(self, model: str, data: dict, output: str) -> np.ndarray:
         """Run eval_model.onnx or forward.onnx on the parameters where they live (no host copy)."""
@@ -315,12 +368,16 @@ class OrtRuntime(Runtime):
         return {n: self._state[n].numpy().copy() for n in self._names}
 
     def moments(self):
+        """(m, v) of every parameter, or of the owned ones after _shard_moments."""
+        names = self._names if self._owned is None else self._owned
         return (
-            {n: self._state[m_name(n)].numpy().copy() for n in self._names},
-            {n: self._state[v_name(n)].numpy().copy() for n in self._names},
+            {n: self._state[m_name(n)].numpy().copy() for n in names},
+            {n: self._state[v_name(n)].numpy().copy() for n in names},
         )
 
     def _restore(self, ckpt: Checkpoint) -> None:
+        if self._owned is not None:
+            raise CheckpointError("this runtime's moments are sharded; restore a checkpoint before sharding")
         if ckpt.adam_m is None or ckpt.adam_v is None:
             if ckpt.step == 0:
                 zeros = {n: np.zeros(s, np.float32) for n, s in self.art.param_shapes.items()}

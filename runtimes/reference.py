@@ -15,7 +15,7 @@ from contract import (BATCH_INPUTS, CLIP_INPUT, GRAD_NORM_OUTPUT, HP_INPUT, LOSS
 
 from .base import Runtime, mean_gradients
 from .checkpoint import Checkpoint
-from .errors import CheckpointError, TrainingDiverged
+from .errors import CheckpointError, RuntimeUnavailable, TrainingDiverged
 
 
 def evaluator(path: str):
@@ -34,14 +34,14 @@ class ReferenceRuntime(Runtime):
 
     def __init__(self, art, device="cpu", threads=None):
         if device != "cpu":
-            from .errors import RuntimeUnavailable
-
             raise RuntimeUnavailable("the reference runtime runs on the CPU only (device='cpu')")
         super().__init__(art, device, threads)
         self._step_eval = evaluator(str(art.path("train_step.onnx")))
         self._loss_eval = None
         self._fwd_eval = None
         self._split_evals = None  # (grad_step, apply_step), made on first use
+        self._owned: list[str] | None = None  # parameters whose moments this process keeps (None: all)
+        self._sharded_apply = None
         self._names = art.param_names
         self._params = art.initial_weights()
         self._frozen = art.frozen_weights()
@@ -55,6 +55,8 @@ class ReferenceRuntime(Runtime):
         return float(out[LOSS_OUTPUT]), out
 
     def _step(self, tokens, positions, labels, hp, clip) -> float:
+        if self._owned is not None:
+            raise RuntimeUnavailable("with sharded moments only the split step runs (runtimes/distributed.py)")
         loss, out = self._run(tokens, positions, labels, hp, clip)
         self.last_grad_norm = float(out[GRAD_NORM_OUTPUT])
         if not np.isfinite(loss):
@@ -64,27 +66,56 @@ class ReferenceRuntime(Runtime):
         self._v = {n: out[new_v_name(n)] for n in self._names}
         return loss
 
-    def _step_accumulated(self, batches, hp, clip) -> float:
+    def _split(self):
         if self._split_evals is None:
             self._split_evals = tuple(evaluator(str(self.art.path(m))) for m in ("grad_step.onnx", "apply_step.onnx"))
-        grad_eval, apply_eval = self._split_evals
+        return self._split_evals
 
-        def micro(tokens, positions, labels):
-            out = grad_eval.run(None, {**self._frozen, **self._params, **dict(zip(BATCH_INPUTS, (tokens, positions, labels)))})
-            out = dict(zip(grad_eval.output_names, out))
-            return out[LOSS_OUTPUT], {n: out[grad_name(n)] for n in self._names}
+    def _micro_gradients(self, tokens, positions, labels, out=None):
+        grad_eval = self._split()[0]
+        res = grad_eval.run(None, {**self._frozen, **self._params, **dict(zip(BATCH_INPUTS, (tokens, positions, labels)))})
+        res = dict(zip(grad_eval.output_names, res))
+        grads = {n: res[grad_name(n)] for n in self._names}
+        if out is not None:
+            for n in self._names:
+                np.copyto(out[n], grads[n])
+            grads = out
+        return float(res[LOSS_OUTPUT]), grads
 
-        loss, grads = mean_gradients(micro(*mb) for mb in batches)
+    def _step_accumulated(self, batches, hp, clip) -> float:
+        loss, grads = mean_gradients(self._micro_gradients(*mb) for mb in batches)
         if not np.isfinite(loss):
             raise TrainingDiverged(f"mean loss is {loss} at step {self.step_count + 1}; the update was not applied")
-        feeds = {**self._frozen, **self._params, **{m_name(n): a for n, a in self._m.items()}, **{v_name(n): a for n, a in self._v.items()},
-                 **{grad_name(n): g for n, g in grads.items()}, HP_INPUT: hp, CLIP_INPUT: clip}
+        self._apply_gradients(grads, hp, clip)
+        return loss
+
+    def _apply_gradients(self, grads, hp, clip) -> None:
+        """apply_step.onnx, or its cut to the owned parameters after _shard_moments (shard.py)."""
+        apply_eval = self._split()[1] if self._owned is None else self._sharded_apply
+        updated = self._names if self._owned is None else self._owned
+        feeds = {**{n: self._params[n] for n in updated}, **{m_name(n): self._m[n] for n in updated},
+                 **{v_name(n): self._v[n] for n in updated}, **{grad_name(n): grads[n] for n in self._names},
+                 HP_INPUT: hp, CLIP_INPUT: clip}
         out = dict(zip(apply_eval.output_names, apply_eval.run(None, feeds)))
         self.last_grad_norm = float(out[GRAD_NORM_OUTPUT])
-        self._params = {n: out[new_name(n)] for n in self._names}
-        self._m = {n: out[new_m_name(n)] for n in self._names}
-        self._v = {n: out[new_v_name(n)] for n in self._names}
-        return loss
+        for n in updated:
+            self._params[n], self._m[n], self._v[n] = out[new_name(n)], out[new_m_name(n)], out[new_v_name(n)]
+
+    def _shard_moments(self, owned) -> None:
+        from onnx.reference import ReferenceEvaluator
+
+        from .shard import sharded_apply_model
+
+        self._owned = [n for n in self._names if n in set(owned)]
+        self._sharded_apply = ReferenceEvaluator(
+            sharded_apply_model(self.art.path("apply_step.onnx"), self._owned, self._names))
+        self._m = {n: self._m[n] for n in self._owned}
+        self._v = {n: self._v[n] for n in self._owned}
+
+    def _parameter_buffers(self, names):
+        for n in names:  # evaluator outputs and loaded weights alike; the caller writes into them
+            self._params[n] = np.require(self._params[n], np.float32, ["C", "W"])
+        return {n: self._params[n] for n in names}
 
     def _gradients(self, tokens, positions, labels):
         hp = np.array([0.0, 0.0, 0.5, 1.0, 0.0, 1.0, 2.0], dtype=np.float32)  # m' = g; see ort.py
@@ -112,6 +143,8 @@ class ReferenceRuntime(Runtime):
         return {n: a.copy() for n, a in self._m.items()}, {n: a.copy() for n, a in self._v.items()}
 
     def _restore(self, ckpt: Checkpoint) -> None:
+        if self._owned is not None:
+            raise CheckpointError("this runtime's moments are sharded; restore a checkpoint before sharding")
         if ckpt.adam_m is None or ckpt.adam_v is None:
             if ckpt.step != 0:
                 raise CheckpointError(f"checkpoint at step {ckpt.step} holds no AdamW moments; cannot resume exactly")

@@ -99,6 +99,10 @@ class TrainOptions:
     # Gradient accumulation: each batch of `batch` sequences runs as this many micro-batches of
     # batch/accumulate through grad_step.onnx, then one apply_step.onnx (1: train_step.onnx).
     accumulate: int = 1
+    # Data parallel over MPI (runtimes/distributed.py): this process is one of mpiexec's ranks; each
+    # takes its share of every batch. shard_optimizer: each rank keeps 1/N of the AdamW moments.
+    data_parallel: bool = False
+    shard_optimizer: bool = False
 
 
 DEFAULT_CLIP = 1.0
@@ -140,9 +144,11 @@ def _check_options(o: TrainOptions) -> None:
     if o.accumulate < 1 or o.batch % o.accumulate:
         raise InputError(f"--accumulate must be >= 1 and divide --batch {o.batch} (equal micro-batches), "
                          f"got {o.accumulate!r}")
-    if o.accumulate > 1 and o.runtime == "ort-training":
-        raise InputError("--accumulate needs the split step graphs, which ort-training does not run; "
-                         "use --runtime ort")
+    for flag, on in (("--accumulate", o.accumulate > 1), ("--data-parallel", o.data_parallel)):
+        if on and o.runtime == "ort-training":
+            raise InputError(f"{flag} needs the split step graphs, which ort-training does not run; use --runtime ort")
+    if o.shard_optimizer and not o.data_parallel:
+        raise InputError("--shard-optimizer shares the optimizer state among data-parallel ranks: add --data-parallel")
 
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -327,8 +333,13 @@ class _Run:
 
     It holds the run folder's lock from prepare() until close()."""
 
-    def __init__(self, opts: TrainOptions, echo):
-        self.opts, self.echo = opts, echo
+    def __init__(self, opts: TrainOptions, echo, world=None):
+        # Data parallel: every rank runs this, rank 0 alone (the writer) touches --out and speaks.
+        self.world, self.writer = world, world is None or world.rank == 0
+        self.opts, self.echo = opts, echo if self.writer else (lambda *a, **k: None)
+        if world is not None and opts.batch % (world.size * opts.accumulate):
+            raise InputError(f"--batch {opts.batch} must be divisible by ranks x --accumulate "
+                             f"({world.size} x {opts.accumulate}): every rank takes an equal share")
         self.out = Path(opts.out)
         self.art = load_artifacts(opts.artifacts, verify=False)  # the manifest alone; the runtime verifies every file
         self.cfg = self.art.config
@@ -339,18 +350,26 @@ class _Run:
             _Data.check(opts, self.cfg, self.tokenizer)
         self.clip = clip_for(opts, self.art)
         refuse_artifact_folder(self.out, "--out")
-        _prepare_out(self.out, self.art, opts)
-        self.lock = RunLock(self.out)
-        self.lock.acquire()
+        self.lock = None
+        if self.writer:
+            _prepare_out(self.out, self.art, opts)
+            self.lock = RunLock(self.out)
+            self.lock.acquire()
         try:
+            if self.data is None and self.writer:
+                self.data = _Data.load(opts, self.cfg, self.tokenizer, cache=self.out)
+            if world is not None:
+                world.barrier("the start")  # rank 0 holds --out (and made a tokenizer's id cache there)
             if self.data is None:
                 self.data = _Data.load(opts, self.cfg, self.tokenizer, cache=self.out)
             self.rt = self._runtime()
         except BaseException:
-            self.lock.release()
+            self.close()
             raise
         self.ckpt_path = self.out / CHECKPOINT_NAME
         self.last_good = (str(opts.resume), self.rt.step_count) if opts.resume else None
+        if world is not None:
+            world.last_checkpoint = self.last_good  # what a lost rank's message names until the next one
         self.stop = min(opts.steps, opts.stop_after or opts.steps)
         self.log_path = self.out / "log.jsonl"
         self.log: list[dict] = []
@@ -358,10 +377,17 @@ class _Run:
 
     def _runtime(self) -> base.Runtime:
         o, cfg = self.opts, self.cfg
+        threads = o.threads or (self.world.default_threads() if self.world else None)
         if o.resume:
-            rt = base.resume(o.resume, runtime=o.runtime, device=o.device, threads=o.threads, artifacts=o.artifacts)
+            rt = base.resume(o.resume, runtime=o.runtime, device=o.device, threads=threads, artifacts=o.artifacts)
         else:
-            rt = base.load(o.artifacts, o.runtime, o.device, o.threads)
+            rt = base.load(o.artifacts, o.runtime, o.device, threads)
+        if o.accumulate > 1 or self.world:  # an older folder without them says to rebuild, before the first step
+            rt.art.path("grad_step.onnx"), rt.art.path("apply_step.onnx")
+        if self.world:
+            from .distributed import DataParallel
+
+            rt = DataParallel(rt, self.world, shard_optimizer=o.shard_optimizer)
         rt._check_hp_supported(make_hp(o.lr, cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"]),
                                check_clip(self.clip))  # ort-training: a threshold other than the built one fails now
         if o.resume and "sampler" in rt.resumed_extra:
@@ -369,7 +395,8 @@ class _Run:
         return rt
 
     def close(self) -> None:
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     # --- messages -----------------------------------------------------------
 
@@ -393,20 +420,23 @@ class _Run:
             except (OSError, ValueError):
                 self.log = []  # a damaged log is not worth failing the resume for; it restarts here
             self.log = [r for r in self.log if isinstance(r, dict) and r.get("step", math.inf) <= rt.step_count]
-        write_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in self.log).encode())
+        if self.writer:
+            write_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in self.log).encode())
         d = self.data
         self.echo(
             f"training {rt.art.folder} on {o.runtime}/{o.device}: {d.train_bytes:,} train {d.unit}, "
             f"{d.val_bytes:,} validation {d.unit}, batch {o.batch}x{d.seq}, steps {rt.step_count + 1}..{self.stop}"
             + (f" (of {o.steps})" if self.stop < o.steps else "")
             + f", gradient clipping {'at ' + format(self.clip, 'g') if 0 < self.clip < math.inf else 'off'}"
+            + (f", {self.world.size} data-parallel ranks" + (" sharing the optimizer state" if o.shard_optimizer else "")
+               if self.world else "")
             + ", {:,} of {:,} parameters trained".format(*rt.art.param_counts)
         )
         self.start_step, self.first_val = rt.step_count, self.evaluate()
         self.echo(f"validation loss at step {rt.step_count}: {self.first_val:.4f}")
 
     def evaluate(self) -> float:
-        v = float(np.mean([self.rt.loss(*b) for b in self.data.val_batches]))
+        v = float(np.mean(self.rt.losses(self.data.val_batches)))
         if not math.isfinite(v):
             raise TrainingDiverged(f"validation loss became {v} at step {self.rt.step_count}; {self.where_good()}")
         return v
@@ -419,8 +449,9 @@ class _Run:
         hp = make_hp(lr, self.cfg["beta1"], self.cfg["beta2"], self.cfg["eps"], self.cfg["weight_decay"], step=t)
         t0 = time.perf_counter()
         try:
-            if o.accumulate > 1:
-                loss = rt.step_accumulated(list(zip(*(np.split(a, o.accumulate) for a in batch))), hp, self.clip)
+            parts = o.accumulate * (self.world.size if self.world else 1)  # micro-batches, dealt out to the ranks
+            if parts > 1 or self.world:
+                loss = rt.step_accumulated(list(zip(*(np.split(a, parts) for a in batch))), hp, self.clip)
             else:
                 loss = rt.step(*batch, hp, self.clip)
         except TrainingDiverged as e:  # ort / reference: the parameters were not updated
@@ -441,6 +472,9 @@ class _Run:
         """One snapshot of the state, checked finite, then written: never a non-finite checkpoint."""
         rt = self.rt
         snap = rt.snapshot(extra={"sampler": self.data.sampler.state_dict(), "options": asdict(self.opts)})
+        if snap is None:  # data parallel: rank 0 writes it; known written once rank 0 is at the next exchange
+            self.world.checkpoint_due = (str(self.ckpt_path), rt.step_count)
+            return
         bad = _nonfinite(snap)
         if bad:
             raise TrainingDiverged(
@@ -449,16 +483,21 @@ class _Run:
             )
         save_checkpoint(self.ckpt_path, snap)
         self.last_good = (str(self.ckpt_path), rt.step_count)
+        if self.world:
+            self.world.last_checkpoint = self.last_good
 
     def finish(self, elapsed: float) -> dict:
         """The trained weights, the plot, a sample and the summary."""
         rt, o, out = self.rt, self.opts, self.out
+        log = self.log
+        final_val = (log[-1]["val_loss"] if "val_loss" in log[-1] else self.evaluate()) if log else self.first_val
+        if not self.writer:
+            return {"steps": rt.step_count, "first_val_loss": self.first_val, "final_val_loss": final_val,
+                    "seconds": elapsed, "tokens_per_s": self.tokens_done / elapsed if elapsed > 0 else None, "out": None}
         rt.export_weights(out / "weights.safetensors")
         _plot(self.log, out / "loss.png", start=(self.start_step, self.first_val), clip=self.clip,
               unit="byte" if self.tokenizer.kind == "bytes" else "token",
               vocab=256 if self.tokenizer.kind == "bytes" else self.tokenizer.vocab_size)
-        log = self.log
-        final_val = (log[-1]["val_loss"] if "val_loss" in log[-1] else self.evaluate()) if log else self.first_val
         summary = {
             "steps": rt.step_count,
             "first_val_loss": self.first_val,
@@ -478,18 +517,24 @@ class _Run:
 def train(opts: TrainOptions, echo=print) -> dict:
     """Run (or resume) a training run; returns a summary dict."""
     _check_options(opts)
-    run = _Run(opts, echo)
+    world = None
+    if opts.data_parallel:
+        from .distributed import join
+
+        world = join()
+    run = _Run(opts, echo, world)
     try:
         run.start()
         from tqdm import tqdm
 
         trained, total = run.rt.art.param_counts
-        bar = tqdm(total=run.stop, initial=min(run.rt.step_count, run.stop), disable=not opts.progress, unit="step",
+        bar = tqdm(total=run.stop, initial=min(run.rt.step_count, run.stop), disable=not (opts.progress and run.writer), unit="step",
                    dynamic_ncols=True, desc=f"train {trained:,}/{total:,}" if trained < total else None)
         t_start = time.perf_counter()
         try:
             # O_NOFOLLOW: the log was just replaced atomically; a link planted since is refused, not followed
-            fd = os.open(run.log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = (os.open(run.log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC) if run.writer
+                  else os.open(os.devnull, os.O_WRONLY))  # data parallel: rank 0 keeps the log
             with os.fdopen(fd, "a") as logf:
                 while run.rt.step_count < run.stop:
                     row = run.step()
