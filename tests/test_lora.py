@@ -491,3 +491,19 @@ def test_bench_lora_bad_options(args, tmp_path, capsys):
 
     assert bench_lora.main(args + ["--artifacts-dir", str(tmp_path / "never"), "--json", str(tmp_path / "n.json")]) == 2
     assert args[1] in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+def test_data_parallel_on_a_lora_folder(tiny_lora, tmp_path):
+    """2 ranks under mpiexec on a LoRA folder (each rank's grad_step binds the frozen base; adapters' gradients
+    are averaged) equal one process with --accumulate 2, bit for bit; the base file is untouched."""
+    from contract.files import sha256_file
+    from tests.test_data_parallel import HAVE_MPI, NO_MPI, _assert_bit_identical, _mpi_train, _train
+
+    if not HAVE_MPI:
+        pytest.skip(NO_MPI)
+    base_sha = sha256_file(tiny_lora / "base.safetensors")
+    _train(tiny_lora, tmp_path / "acc2", "--accumulate", "2")
+    p = _mpi_train(2, tiny_lora, tmp_path / "dp2")
+    assert "of 128,768 parameters trained" in p.stdout + p.stderr
+    _assert_bit_identical(tmp_path / "acc2", tmp_path / "dp2")
+    assert sha256_file(tiny_lora / "base.safetensors") == base_sha
