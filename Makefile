@@ -10,7 +10,7 @@ ENGSTAMP:= $(ENGVENV)/.installed
 CONFIGS ?= tiny small
 STEPS   ?=
 
-.PHONY: all venv artifacts train train-dp finetune test parity web soak bench clean
+.PHONY: all venv artifacts train train-dp finetune test parity web soak bench bench-lora clean
 
 all: artifacts
 
@@ -97,6 +97,10 @@ soak: $(STAMP)
 # QUICK=1: small only. DEVICE=cuda, THREADS=N, BENCH_CONFIGS=small,mid,gpt2, RECOMPUTE=1 (build --recompute-attention).
 bench: $(STAMP)
 	$(VPY) -m bench.run $(if $(QUICK),--quick) $(if $(RECOMPUTE),--recompute-attention) $(if $(DEVICE),--device $(DEVICE)) $(if $(THREADS),--threads $(THREADS)) $(if $(BENCH_CONFIGS),--configs $(BENCH_CONFIGS))
+
+# LoRA (rank 8, every target) against full fine-tuning and PEFT on gpt2 1x1024 (README, LoRA)
+bench-lora: $(STAMP)
+	$(VPY) -m bench.lora $(if $(THREADS),--threads $(THREADS))
 
 parity: $(STAMP) $(ORTSTAMP)
 	$(VPY) -m pytest -q -s tests/test_parity.py

@@ -22,7 +22,7 @@ import resource
 import sys
 import time
 
-KINDS = ("ort", "ort-split", "ort-training", "openvino", "torch", "torch-sdpa", "sgemm", "check")
+KINDS = ("ort", "ort-split", "ort-training", "openvino", "torch", "torch-sdpa", "sgemm", "check", "peft")
 N_BATCHES = 4
 LR = 1e-4
 SGEMM_N = 2048
@@ -112,6 +112,43 @@ class _Torch:
         return loss
 
 
+class _Peft:
+    """PEFT's LoRA on transformers' GPT2LMHeadModel (PyTorch eager, its default sdpa attention), the
+    rank and targets of the LoRA artifact folder given, AdamW over the adapters: what a LoRA step of
+    this project is compared with (bench/lora.py). Weights are transformers' random init: the cost of
+    a step does not depend on their values."""
+
+    def __init__(self, a):
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.set_num_threads(a.threads)
+        with open(os.path.join(a.artifacts, "manifest.json")) as f:
+            manifest = json.load(f)
+        cfg, lora = manifest["config"], manifest["lora"]
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=cfg["vocab"], n_positions=cfg["context"], n_embd=cfg["d_model"], n_layer=cfg["n_layers"],
+            n_head=cfg["n_heads"], n_inner=cfg["d_ff"], activation_function="gelu_new", layer_norm_epsilon=1e-5,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        self.model = get_peft_model(model, LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+                                                      target_modules=lora["targets"], fan_in_fan_out=True))
+        self.model.train()
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=LR,
+                                     betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], weight_decay=cfg["weight_decay"])
+        self.data = [tuple(torch.from_numpy(x) for x in b) for b in batches(cfg["vocab"], a.batch, a.seq)]
+        self.torch = torch
+
+    def step(self, i: int) -> float:
+        tok, pos, lab = self.data[i % N_BATCHES]
+        self.opt.zero_grad(set_to_none=True)
+        logits = self.model(input_ids=tok, position_ids=pos).logits
+        loss = self.torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1))
+        loss.backward()
+        self.opt.step()
+        return float(loss)
+
+
 class _Sgemm:
     def __init__(self, a):
         import numpy as np
@@ -170,7 +207,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         runner = {"ort": _Ort, "ort-split": _Ort, "ort-training": _Ort, "openvino": _Ort, "torch": _Torch, "torch-sdpa": _Torch, "sgemm": _Sgemm,
-                  "check": _Check}[a.kind](a)
+                  "check": _Check, "peft": _Peft}[a.kind](a)
     except Exception as e:  # reported to the driver, which prints it and carries on without this participant
         send({"ready": False, "error": f"{type(e).__name__}: {e}"})
         return 1

@@ -20,6 +20,9 @@ SCHEMA: dict = json.loads((HERE / "manifest.schema.json").read_text())
 
 MANIFEST_FORMAT: str = CONSTANTS["format"]
 MANIFEST_VERSION: int = CONSTANTS["format_version"]
+# A folder with frozen inputs (LoRA) is written as this version, so that readers which
+# predate frozen inputs refuse it by its version rather than train it wrong.
+FROZEN_MANIFEST_VERSION: int = CONSTANTS["frozen_format_version"]
 RETIRED_VERSIONS: dict[int, str] = {int(k): v for k, v in CONSTANTS["retired_versions"].items()}
 IR_VERSION: int = CONSTANTS["ir_version"]  # onnxruntime 1.19 reads IR <= 10; onnx 1.23 would write 11+
 OPSET: int = CONSTANTS["opset"]  # train_step.onnx, forward.onnx
@@ -46,6 +49,8 @@ SOURCE_KINDS: tuple[str, ...] = tuple(CONSTANTS["source_kinds"])
 HF_EXPORT_MARKER: str = CONSTANTS["hf_export"]["marker"]
 HF_EXPORT_FORMAT: str = CONSTANTS["hf_export"]["format"]
 KV_KINDS: tuple[str, ...] = tuple(CONSTANTS["kv_cache"]["kinds"])
+LORA_TARGETS: tuple[str, ...] = tuple(CONSTANTS["lora"]["targets"])
+BASE_FILE: str = CONSTANTS["lora"]["base_file"]
 
 
 def grad_name(p: str) -> str:
@@ -88,3 +93,8 @@ def present_name(layer: int, kind: str) -> str:
 def name_template(key: str) -> str:
     """A name template as the manifest publishes it, ``<param>`` standing for the parameter."""
     return _NAMES[key].format(p="<param>")
+
+
+def lora_name(layer: int, target: str, which: str) -> str:
+    """The adapter parameter ``which`` ("A" or "B") of LoRA ``target`` (a name of LORA_TARGETS) in ``layer``."""
+    return CONSTANTS["lora"]["names"][which].format(layer=layer, target=target)

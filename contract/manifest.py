@@ -13,8 +13,9 @@ import math
 import os
 from pathlib import Path
 
-from . import (BYTES_VOCAB_SIZE, CONFIG_KEYS, CONFIG_SIZES, HP_LAYOUT, LABEL_MODES, MANIFEST_FORMAT, MANIFEST_VERSION,
-               RETIRED_VERSIONS, SCHEMA, SOURCE_KINDS, TOKENIZER_FILE, TOKENIZER_KINDS)
+from . import (BASE_FILE, BYTES_VOCAB_SIZE, CONFIG_KEYS, CONFIG_SIZES, FROZEN_MANIFEST_VERSION, HP_LAYOUT, LABEL_MODES,
+               LORA_TARGETS, MANIFEST_FORMAT, MANIFEST_VERSION, RETIRED_VERSIONS, SCHEMA, SOURCE_KINDS, TOKENIZER_FILE,
+               TOKENIZER_KINDS)
 from .errors import ArtifactError
 from .jsonlimits import loads_limited
 
@@ -44,9 +45,9 @@ def check_format(mpath, manifest) -> None:
             f"{mpath}: format_version {version} is retired: {RETIRED_VERSIONS[version]}; rebuild the artifacts "
             f"(python -m graphgen build, or make artifacts); checkpoints resume on the rebuilt folder"
         )
-    if version != MANIFEST_VERSION:
+    if version not in (MANIFEST_VERSION, FROZEN_MANIFEST_VERSION) or isinstance(version, bool):
         raise ArtifactError(
-            f"{mpath}: format_version {version!r} is not one this runner reads {(MANIFEST_VERSION,)}; "
+            f"{mpath}: format_version {version!r} is not one this runner reads {(MANIFEST_VERSION, FROZEN_MANIFEST_VERSION)}; "
             f"rebuild the artifacts with this version"
         )
 
@@ -121,6 +122,7 @@ def check_structure(mpath, manifest: dict) -> None:
             bad(f"files lists {name!r}, which is outside the artifact folder")
     _check_tokenizer(manifest, bad)
     _check_source(manifest, bad)
+    _check_frozen(manifest, names, bad)
     _check_schema(mpath, manifest)
 
 
@@ -160,6 +162,46 @@ def _check_source(manifest: dict, bad) -> None:
         bad(f"source = {src!r}, expected an object whose kind is one of {list(SOURCE_KINDS)}")
     if src["kind"] == "huggingface" and not isinstance(src.get("files"), dict):
         bad(f"source.files = {src.get('files')!r}, expected an object of file name -> sha256")
+
+
+def _check_frozen(manifest: dict, names: set, bad) -> None:
+    """format_version 4 and ``frozen`` + ``lora`` go together (a LoRA folder); 3 has neither."""
+    version, frozen, lora = manifest["format_version"], manifest.get("frozen"), manifest.get("lora")
+    if version != FROZEN_MANIFEST_VERSION:
+        if frozen is not None or lora is not None:
+            bad(f"format_version {version} lists frozen inputs or lora; a folder with them is format_version "
+                f"{FROZEN_MANIFEST_VERSION}")
+        return
+    if not isinstance(frozen, dict) or not isinstance(lora, dict):
+        bad(f"format_version {version} (frozen inputs) needs the objects 'frozen' and 'lora', got "
+            f"frozen={type(frozen).__name__}, lora={type(lora).__name__}")
+    if frozen.get("file") != BASE_FILE:
+        bad(f"frozen.file = {frozen.get('file')!r}, expected {BASE_FILE!r}")
+    listed = manifest["files"].get(BASE_FILE)
+    if not isinstance(listed, dict) or listed.get("sha256") != frozen.get("sha256"):
+        bad(f"frozen.sha256 = {frozen.get('sha256')!r} is not the sha256 files lists for {BASE_FILE!r}")
+    params = frozen.get("parameters")
+    if not isinstance(params, list) or not params:
+        bad(f"frozen.parameters = {params!r}, expected a non-empty list of {{name, shape, dtype}}")
+    for i, p in enumerate(params):
+        if (not isinstance(p, dict) or not isinstance(p.get("name"), str) or not isinstance(p.get("shape"), list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in p["shape"])
+                or p.get("dtype") != "float32"):
+            bad(f"frozen.parameters[{i}] = {p!r} is not {{name, shape: [positive ints], dtype: 'float32'}}")
+        if p["name"] in names:
+            bad(f"{p['name']!r} is both a parameter and a frozen input")
+    targets = lora.get("targets")
+    if not isinstance(targets, list) or not targets or any(t not in LORA_TARGETS for t in targets):
+        bad(f"lora.targets = {targets!r}, expected a non-empty list of {list(LORA_TARGETS)}")
+    for k in ("rank", "alpha", "scale"):
+        v = lora.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            bad(f"lora.{k} = {v!r}, expected a finite number > 0")
+
+
+def frozen_of(manifest: dict) -> list[dict]:
+    """The manifest's frozen inputs ({name, shape, dtype}), empty for a folder that trains every parameter."""
+    return list((manifest.get("frozen") or {}).get("parameters", []))
 
 
 def artifact_folder_holding(path: str | Path) -> Path | None:

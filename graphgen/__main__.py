@@ -1,5 +1,6 @@
 """CLI: ``python -m graphgen build --config tiny --out artifacts/tiny [...]``, or
-``python -m graphgen build --from-hf DIR --out ART [...]`` for a Hugging Face GPT-2 folder."""
+``python -m graphgen build --from-hf DIR --out ART [...]`` for a Hugging Face GPT-2 folder;
+``--lora-rank R`` (either way) builds a LoRA folder: the model frozen, adapters trained."""
 
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true",
                    help="replace an artifact folder even if it holds files the build did not write "
                         "(never a folder that is not an artifact folder)")
+    b.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="build a LoRA folder: the model's weights frozen, rank-R adapters (PEFT's) trained")
+    b.add_argument("--lora-alpha", type=float, default=None, metavar="A",
+                   help="LoRA scaling alpha (the update is B A alpha/R; default 8, PEFT's)")
+    b.add_argument("--lora-targets", default=None, metavar="T,T",
+                   help="Hugging Face GPT-2 module names to adapt (default c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj)")
+    b.add_argument("--lora-dropout", type=float, default=None, metavar="P", help="LoRA dropout (only 0 is supported)")
     for f in ("vocab", "context", "d-model", "n-heads", "d-ff", "n-layers"):
         b.add_argument(f"--{f}", type=int, help=f"override the preset's {f.replace('-', '_')}")
     return p
@@ -90,13 +98,27 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    lora = None
+    lora_given = [f"--lora-{k}" for k in ("alpha", "targets", "dropout") if getattr(args, f"lora_{k}") is not None]
+    if args.lora_rank is None and lora_given:
+        return _fail(f"{', '.join(lora_given)} need --lora-rank (a LoRA folder)")
+    if args.lora_rank is not None:
+        from contract import LORA_TARGETS
+        from contract.lora import LoraError, check_lora, parse_targets
+
+        try:
+            targets = parse_targets(args.lora_targets if args.lora_targets is not None else list(LORA_TARGETS))
+            lora = check_lora(cfg.to_dict(), args.lora_rank, 8.0 if args.lora_alpha is None else args.lora_alpha,
+                              targets, 0.0 if args.lora_dropout is None else args.lora_dropout)
+        except LoraError as e:
+            return _fail(str(e))
     from .artifacts import OutputFolderError, build_artifacts  # heavy imports only once the config is valid
 
     out = args.out or Path("artifacts") / (cfg.name if imported is not None else args.config or "tiny")
     print(f"building {cfg.name}: {cfg.to_dict()}", flush=True)
     try:
         build_artifacts(cfg, out, log=lambda m: print(m, flush=True), force=args.force, imported=imported,
-                        recompute_attention=args.recompute_attention)
+                        recompute_attention=args.recompute_attention, lora=lora)
     except OutputFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

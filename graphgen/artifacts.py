@@ -26,10 +26,11 @@ from pathlib import Path
 import onnx
 from safetensors.numpy import save_file
 
-from contract import (BYTES_VOCAB_SIZE, CLIP_INPUT, CONSTANTS, GRAD_NORM_OUTPUT, HP_LAYOUT, IR_VERSION,
-                      MANIFEST_FORMAT, MANIFEST_VERSION, OPSET, TRAINING_FILES, TRAINING_SET_OPSET, name_template,
-                      new_name)
+from contract import (BASE_FILE, BYTES_VOCAB_SIZE, CLIP_INPUT, CONSTANTS, FROZEN_MANIFEST_VERSION, GRAD_NORM_OUTPUT,
+                      HP_LAYOUT, IR_VERSION, MANIFEST_FORMAT, MANIFEST_VERSION, OPSET, TRAINING_FILES,
+                      TRAINING_SET_OPSET, name_template, new_name)
 from contract.files import sha256_file
+from contract.lora import adapter_specs
 from contract.manifest import describe_io
 from contract.outfolder import FolderKind, OutputFolderError, make_temp_sibling, swap_in  # noqa: F401 (re-exported)
 from contract.outfolder import check_out_folder as check_out_folder_of
@@ -37,6 +38,7 @@ from contract.outfolder import check_out_folder as check_out_folder_of
 from .config import GPT2Config, param_specs
 from .decoder import build_decoder
 from .init import init_weights
+from .lora import init_adapters
 from .model import build_forward_logits, build_forward_loss
 from .in_place import parameters_updatable_in_place
 from .recompute import recompute_attention as recompute_attention_pass
@@ -79,7 +81,7 @@ def check_out_folder(out: Path, force: bool = False) -> None:
 
 
 def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, imported=None,
-                    recompute_attention: bool = False) -> dict:
+                    recompute_attention: bool = False, lora: dict | None = None) -> dict:
     """Build every artifact for ``cfg`` into ``out``; returns the manifest.
 
     ``imported`` (an hf_import.Imported) supplies the weights, the files to copy
@@ -87,6 +89,13 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
     it the weights are the LCG init and the tokenizer is bytes. ``recompute_attention``:
     the step graphs recompute the attention probabilities in the backward
     (graphgen/recompute.py); the same numbers, less memory, more work.
+    ``lora`` (contract.lora.check_lora's entry) makes a LoRA folder: those weights
+    become the frozen base (base.safetensors, inputs of every model, never
+    updated), the adapters the parameters (weights.safetensors, PEFT's init;
+    inputs of forward.onnx and the step graphs; decoder.onnx is the plain model,
+    which samplers and exports feed the merged weights W + B A alpha/rank), and
+    the manifest is format_version 4 with ``frozen`` and ``lora``. Its ONNX Runtime
+    training set trains the adapters with the base as frozen_params.
     Raises OutputFolderError, before any work, when ``out`` may not be replaced
     (see check_out_folder) or its parent cannot be written."""
     out = Path(os.path.abspath(out))  # "." and "..": the folder they name, not an empty name
@@ -106,30 +115,43 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
                 (tmp / name).write_bytes(data)
         log(f"{'init' if imported is None else 'imported'}: {sum(w.size for w in weights.values()):,} parameters "
             f"({time.perf_counter() - t0:.1f}s)")
-        save_file(weights, str(tmp / "weights.safetensors"), metadata=meta)
+        base: dict = {}  # a LoRA folder's frozen base weights
+        if lora is not None:
+            # One metadata key: safetensors writes a map's keys in no fixed order, and checkpoints
+            # name their base by this file's sha256, which a rebuild must reproduce.
+            save_file(weights, str(tmp / BASE_FILE), metadata={"base": json.dumps(meta, sort_keys=True)})
+            base, weights = weights, init_adapters(cfg, lora)
+            save_file(weights, str(tmp / "weights.safetensors"), metadata={"lora": "init", "seed": str(cfg.seed + 1)})
+            log(f"LoRA rank {lora['rank']} on {','.join(lora['targets'])}: {sum(w.size for w in weights.values()):,} "
+                f"trainable parameters")
+        else:
+            save_file(weights, str(tmp / "weights.safetensors"), metadata=meta)
 
-        _save(build_forward_logits(cfg), tmp / "forward.onnx")
+        _save(build_forward_logits(cfg, lora=lora), tmp / "forward.onnx")
         log(f"forward.onnx ({time.perf_counter() - t0:.1f}s)")
 
-        _save(build_decoder(cfg), tmp / "decoder.onnx")
+        _save(build_decoder(cfg), tmp / "decoder.onnx")  # a LoRA folder's too: samplers merge the adapters in
         log(f"decoder.onnx ({time.perf_counter() - t0:.1f}s)")
 
         recompute = recompute_attention_pass if recompute_attention else (lambda m: m)
-        _save(recompute(build_train_step(build_forward_loss(cfg), list(weights))), tmp / "train_step.onnx")
+        frozen = tuple(base)
+        loss_graph = build_forward_loss(cfg, lora=lora)
+        _save(recompute(build_train_step(loss_graph, list(weights), frozen=frozen)), tmp / "train_step.onnx")
         log(f"train_step.onnx ({time.perf_counter() - t0:.1f}s)")
 
-        _save(recompute(build_grad_step(build_forward_loss(cfg), list(weights))), tmp / "grad_step.onnx")
-        _save(build_apply_step(build_forward_loss(cfg), list(weights)), tmp / "apply_step.onnx")
+        _save(recompute(build_grad_step(loss_graph, list(weights), frozen=frozen)), tmp / "grad_step.onnx")
+        _save(build_apply_step(loss_graph, list(weights), frozen=frozen), tmp / "apply_step.onnx")
         log(f"grad_step.onnx, apply_step.onnx ({time.perf_counter() - t0:.1f}s)")
+        del loss_graph
 
         if training_set_available():
-            write_training_set(build_forward_loss(cfg, gelu="expanded"), weights, cfg, tmp)
+            write_training_set(build_forward_loss(cfg, gelu="expanded", lora=lora), weights, cfg, tmp, frozen=base)
             training_files = list(TRAINING_FILES)
             log(f"ONNX Runtime training set ({time.perf_counter() - t0:.1f}s)")
         else:
             # The other runtimes need only the loss graph of the set; written here in the
             # same spelling and with the same inputs and output as onnxruntime-training's.
-            _save(build_forward_loss(cfg, gelu="expanded"), tmp / "eval_model.onnx")
+            _save(build_forward_loss(cfg, gelu="expanded", lora=lora), tmp / "eval_model.onnx")
             training_files = []
             log("eval_model.onnx; ONNX Runtime training set skipped: onnxruntime-training is not installed "
                 "here (pip install '.[training]'), so the ort-training runtime cannot use this folder")
@@ -137,7 +159,7 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
         in_place = all(parameters_updatable_in_place(onnx.load(str(tmp / f)), list(weights), new_name)
                        for f in ("train_step.onnx", "apply_step.onnx"))
         manifest = _manifest(cfg, tmp, source, tokenizer, training_files, in_place,
-                             ["attention"] if recompute_attention else [])
+                             ["attention"] if recompute_attention else [], lora)
         with open(tmp / "manifest.json", "w") as f:
             json.dump(manifest, f, indent=1)
         for p in tmp.iterdir():
@@ -151,18 +173,26 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
 
 
 def _manifest(cfg: GPT2Config, folder: Path, source: dict, tokenizer: dict, training_files: list[str],
-              in_place: bool, recompute: list[str]) -> dict:
+              in_place: bool, recompute: list[str], lora: dict | None = None) -> dict:
     model_files = sorted(p.name for p in folder.glob("*.onnx"))
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    base = [{"name": n, "shape": list(s), "dtype": "float32"} for n, s in param_specs(cfg)]
+    lora_part = {}
+    if lora is not None:
+        lora_part = {"frozen": {"file": BASE_FILE, "sha256": sha256_file(folder / BASE_FILE), "parameters": base},
+                     "lora": dict(lora)}
+        base = [{"name": n, "shape": list(s), "dtype": "float32"}
+                for n, s in adapter_specs(cfg.to_dict(), lora["rank"], lora["targets"])]
     return {
         "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
+        "format_version": MANIFEST_VERSION if lora is None else FROZEN_MANIFEST_VERSION,
         "name": cfg.name,
         "config": cfg.to_dict(),
         "opset": OPSET,  # train_step.onnx, forward.onnx, decoder.onnx
         "training_set_opset": TRAINING_SET_OPSET,
         "ir_version": IR_VERSION,
-        "parameters": [{"name": n, "shape": list(s), "dtype": "float32"} for n, s in param_specs(cfg)],
+        "parameters": base,
+        **lora_part,
         "hp": {
             "dtype": CONSTANTS["hp"]["dtype"],
             "length": len(HP_LAYOUT),

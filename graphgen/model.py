@@ -24,6 +24,13 @@ It comes in two spellings of the same math (:data:`SPELLINGS`):
 Parameters are graph inputs here; ``artifacts`` turns them into initializers
 where ONNX Runtime's training tools want them that way.
 
+With ``lora`` (a manifest ``lora`` entry, contract/lora.py), the adapters'
+``A`` (rank, in) and ``B`` (out, rank) are inputs too, after the base weights,
+and each target's output gains ``((x A^T) B^T) * alpha/rank`` (PEFT's order of
+operations). Unmerged, so a train step differentiated for the adapters only
+never forms a full-size weight gradient. For ``c_attn`` the (B, T, 3d) update
+is split into q, k, v thirds, each added before that projection's heads split.
+
 Attention is the seed's per-head attention, computed for all heads at once: the
 stacked (n_heads, d_head, d_model) projections flatten to (d_model, d_model)
 with head j's rows at j*d_head, so one MatMul gives every head's q and a
@@ -42,7 +49,8 @@ import onnx
 import onnx_ir as ir
 from onnxscript import GraphBuilder
 
-from contract import IR_VERSION, OPSET, TRAINING_SET_OPSET
+from contract import IR_VERSION, OPSET, TRAINING_SET_OPSET, lora_name
+from contract.lora import adapter_specs
 
 from .config import LN_EPS, GPT2Config, param_specs
 
@@ -79,8 +87,9 @@ def _spelling(spelling: str | None, gelu: str | None) -> Spelling:
 class _Forward:
     """Holds the builder and the parameter values while the graph is traced."""
 
-    def __init__(self, cfg: GPT2Config, with_labels: bool, spelling: Spelling):
+    def __init__(self, cfg: GPT2Config, with_labels: bool, spelling: Spelling, lora: dict | None = None):
         self.cfg = cfg
+        self.lora = lora
         self.spelling = spelling
         self.graph = ir.Graph([], [], nodes=[], opset_imports={"": spelling.opset}, name="gpt2")
         self.gb = GraphBuilder(self.graph)
@@ -99,6 +108,9 @@ class _Forward:
             name: self.gb.input(name, ir.DataType.FLOAT, list(shape))
             for name, shape in param_specs(cfg)
         }
+        if lora is not None:
+            for name, shape in adapter_specs(cfg.to_dict(), lora["rank"], lora["targets"]):
+                self.p[name] = self.gb.input(name, ir.DataType.FLOAT, list(shape))
 
     def const(self, value, dtype=np.float32) -> ir.Value:
         return self.op.Constant(value=ir.tensor(np.asarray(value, dtype=dtype)))
@@ -119,6 +131,28 @@ class _Forward:
         feeding MatMul lets ORT fuse it into one FusedMatMul."""
         y = self.op.MatMul(x, self.op.Transpose(w, perm=[1, 0]))
         return y if b is None else self.op.Add(y, b)
+
+    def lora_delta(self, x: ir.Value, layer: int, target: str) -> ir.Value | None:
+        """((x A^T) B^T) * scale of ``target``'s adapter, (B, T, out); None where it has none."""
+        if self.lora is None or target not in self.lora["targets"]:
+            return None
+        a, b = (self.p[lora_name(layer, target, w)] for w in ("A", "B"))
+        u = self.linear(x, a, None)  # (B, T, rank)
+        return self.op.Mul(self.linear(u, b, None), self.const(self.lora["scale"]))  # (B, T, out)
+
+    def adapted(self, x: ir.Value, w: ir.Value, b: ir.Value | None, layer: int, target: str) -> ir.Value:
+        """linear(x, w, b) plus the target's adapter update, if any."""
+        y = self.linear(x, w, b)
+        extra = self.lora_delta(x, layer, target)
+        return y if extra is None else self.op.Add(y, extra)
+
+    def qkv_deltas(self, x: ir.Value, layer: int) -> list:
+        """The c_attn adapter's update split into its q, k, v thirds, each (B, T, d); [None]*3 without one."""
+        extra = self.lora_delta(x, layer, "c_attn")
+        if extra is None:
+            return [None, None, None]
+        d = self.cfg.d_model
+        return list(self.op.Split(extra, self.const([d, d, d], np.int64), axis=2, _outputs=3))
 
     def causal_mask(self) -> ir.Value:
         """(T, T) float additive mask: 0 where query i may see key j (j <= i), -inf elsewhere.
@@ -148,22 +182,25 @@ class _Forward:
         flat_b = self.const([d], np.int64)
         split = self.const([0, 0, h, dh], np.int64)
 
-        def heads(name: str, with_bias: bool, perm: list[int]) -> ir.Value:
+        dq, dk, dv = self.qkv_deltas(x, layer)  # adapter updates, (B, T, d) or None
+
+        def heads(name: str, with_bias: bool, perm: list[int], extra) -> ir.Value:
             w = op.Reshape(self.p[pre + "w_" + name], flat_w)  # (d, d): head j rows j*dh..
             b = op.Reshape(self.p[pre + "b_" + name], flat_b) if with_bias else None
-            y = op.Reshape(self.linear(x, w, b), split)  # (B, T, H, dh)
+            y = self.linear(x, w, b)  # (B, T, d)
+            y = op.Reshape(y if extra is None else op.Add(y, extra), split)  # (B, T, H, dh)
             return op.Transpose(y, perm=perm)
 
-        q = heads("q", True, [0, 2, 1, 3])  # (B, H, T, dh)
-        k_t = heads("k", True, [0, 2, 3, 1])  # (B, H, dh, T)
-        v = heads("v", False, [0, 2, 1, 3])  # (B, H, T, dh); bias after attention
+        q = heads("q", True, [0, 2, 1, 3], dq)  # (B, H, T, dh)
+        k_t = heads("k", True, [0, 2, 3, 1], dk)  # (B, H, dh, T)
+        v = heads("v", False, [0, 2, 1, 3], dv)  # (B, H, T, dh); bias after attention
         scores = op.Mul(op.MatMul(q, k_t), self.const(1.0 / math.sqrt(dh)))  # (B, H, T, T)
         scores = op.Add(scores, mask)  # causal: -inf above the diagonal
         probs = op.Softmax(scores, axis=3)
         b_v = op.Reshape(self.p[pre + "b_v"], self.const([h, 1, dh], np.int64))
         out = op.Add(op.MatMul(probs, v), b_v)  # (B, H, T, dh)
         out = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), self.const([0, 0, d], np.int64))
-        return self.linear(out, self.p[pre + "w_o"], self.p[pre + "b_o"])  # (B, T, d)
+        return self.adapted(out, self.p[pre + "w_o"], self.p[pre + "b_o"], layer, "attn.c_proj")  # (B, T, d)
 
     def gelu(self, x: ir.Value) -> ir.Value:
         # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), the seed's tanh form
@@ -176,8 +213,8 @@ class _Forward:
 
     def mlp(self, x: ir.Value, layer: int) -> ir.Value:
         pre = f"h{layer}."
-        hidden = self.gelu(self.linear(x, self.p[pre + "fc_w"], self.p[pre + "fc_b"]))  # (B,T,F)
-        return self.linear(hidden, self.p[pre + "pr_w"], self.p[pre + "pr_b"])  # (B, T, d)
+        hidden = self.gelu(self.adapted(x, self.p[pre + "fc_w"], self.p[pre + "fc_b"], layer, "mlp.c_fc"))  # (B,T,F)
+        return self.adapted(hidden, self.p[pre + "pr_w"], self.p[pre + "pr_b"], layer, "mlp.c_proj")  # (B, T, d)
 
     def logits(self) -> ir.Value:
         op = self.op
@@ -227,17 +264,17 @@ class _Forward:
         return proto
 
 
-def build_forward_loss(cfg: GPT2Config, spelling: str | None = None, *, gelu: str | None = None
-                       ) -> onnx.ModelProto:
-    """(tokens, positions, labels, *params) -> loss. Parameters are graph inputs.
+def build_forward_loss(cfg: GPT2Config, spelling: str | None = None, *, gelu: str | None = None,
+                       lora: dict | None = None) -> onnx.ModelProto:
+    """(tokens, positions, labels, *params[, *adapters]) -> loss. Parameters are graph inputs.
     ``spelling`` is a key of :data:`SPELLINGS` (default "portable"); ``gelu`` ("op" or
-    "expanded") names the same choice by its GELU."""
-    f = _Forward(cfg, with_labels=True, spelling=_spelling(spelling, gelu))
+    "expanded") names the same choice by its GELU; ``lora`` adds adapters (module docstring)."""
+    f = _Forward(cfg, with_labels=True, spelling=_spelling(spelling, gelu), lora=lora)
     return f.finish({"loss": (f.loss(f.logits()), [])})
 
 
-def build_forward_logits(cfg: GPT2Config, spelling: str | None = None, *, gelu: str | None = None
-                         ) -> onnx.ModelProto:
-    """(tokens, positions, *params) -> logits (B, T, vocab)."""
-    f = _Forward(cfg, with_labels=False, spelling=_spelling(spelling, gelu))
+def build_forward_logits(cfg: GPT2Config, spelling: str | None = None, *, gelu: str | None = None,
+                         lora: dict | None = None) -> onnx.ModelProto:
+    """(tokens, positions, *params[, *adapters]) -> logits (B, T, vocab)."""
+    f = _Forward(cfg, with_labels=False, spelling=_spelling(spelling, gelu), lora=lora)
     return f.finish({"logits": (f.logits(), ["batch", "seq", cfg.vocab])})

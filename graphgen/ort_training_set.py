@@ -108,10 +108,12 @@ def _resave_ir10(path: Path, fix_adamw: bool = False) -> None:
 
 
 def write_training_set(
-    forward_loss: onnx.ModelProto, weights: dict, cfg: GPT2Config, out: Path
+    forward_loss: onnx.ModelProto, weights: dict, cfg: GPT2Config, out: Path, frozen: dict | None = None
 ) -> None:
+    """``weights`` are trained; ``frozen`` (a LoRA folder's base) are initializers too, handed to
+    generate_artifacts as frozen_params: in ORT's checkpoint, never given gradients or moments."""
     artifacts, onnxblock = _import_ort_training()
-    model = _with_params_as_initializers(forward_loss, weights)
+    model = _with_params_as_initializers(forward_loss, {**(frozen or {}), **weights})
     optimizer = onnxblock.optim.AdamW(
         bias_correction=True,
         betas=(cfg.beta1, cfg.beta2),
@@ -123,6 +125,7 @@ def write_training_set(
         artifacts.generate_artifacts(
             model,
             requires_grad=list(weights),
+            frozen_params=list(frozen or {}),
             loss=None,  # the forward graph already ends in the loss
             optimizer=optimizer,
             artifact_directory=str(out),

@@ -16,6 +16,10 @@ gradients of several micro-batches between them):
 apply_step holds the nodes of train_step's AdamW (adamw_nodes), so one apply on
 train_step's own gradients is train_step's update.
 
+``frozen`` names forward inputs that are read and never updated (a LoRA folder's
+base weights): they come first among train_step's and grad_step's inputs, get no
+gradient, no moments and no ``new.*`` output; apply_step never sees them.
+
 The forward model (opset >= 16, default domain only) takes ``tokens``, ``positions``,
 ``labels`` and every parameter as graph inputs and outputs the scalar ``loss``.
 """
@@ -35,18 +39,19 @@ from graphgen.autodiff import AutodiffError, add_gradients
 DATA_INPUTS = BATCH_INPUTS
 
 
-def _check_forward(forward: onnx.ModelProto, param_names: list[str], float32: bool = True) -> onnx.ModelProto:
+def _check_forward(forward: onnx.ModelProto, param_names: list[str], float32: bool = True,
+                   frozen: tuple[str, ...] = ()) -> onnx.ModelProto:
     model = copy.deepcopy(forward)
     g = model.graph
     names = [i.name for i in g.input]
-    if len(set(param_names)) != len(param_names):
-        raise AutodiffError("param_names has duplicates")
-    missing = [p for p in list(DATA_INPUTS) + list(param_names) if p not in names]
+    if len(set(param_names)) != len(param_names) or set(param_names) & set(frozen):
+        raise AutodiffError("param_names has duplicates or names a frozen input")
+    missing = [p for p in list(DATA_INPUTS) + list(param_names) + list(frozen) if p not in names]
     if missing:
         raise AutodiffError(f"forward graph lacks inputs {missing}")
-    extra = [n for n in names if n not in DATA_INPUTS and n not in param_names]
+    extra = [n for n in names if n not in DATA_INPUTS and n not in param_names and n not in frozen]
     if extra:
-        raise AutodiffError(f"forward graph has inputs that are neither data nor parameters: {extra}")
+        raise AutodiffError(f"forward graph has inputs that are neither data nor parameters (nor frozen): {extra}")
     if [o.name for o in g.output][:1] != ["loss"]:
         raise AutodiffError(f"forward graph's first output must be 'loss', got {[o.name for o in g.output]}")
     domains = {o.domain for o in model.opset_import} | {n.domain for n in g.node}
@@ -69,10 +74,11 @@ def _value_info(src: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
     return vi
 
 
-def build_grad_model(forward: onnx.ModelProto, param_names: list[str]) -> onnx.ModelProto:
+def build_grad_model(forward: onnx.ModelProto, param_names: list[str], frozen: tuple[str, ...] = ()
+                     ) -> onnx.ModelProto:
     """Forward + backward: inputs as the forward's, outputs ``loss`` then ``grad.<p>``.
     Parameters may be float32 or float64 (float64 is for finite-difference tests)."""
-    model = _check_forward(forward, param_names, float32=False)
+    model = _check_forward(forward, param_names, float32=False, frozen=frozen)
     g = model.graph
     add_gradients(model, "loss", list(param_names), grad_names={p: grad_name(p) for p in param_names})
     inputs = {i.name: i for i in g.input}
@@ -84,12 +90,12 @@ def build_grad_model(forward: onnx.ModelProto, param_names: list[str]) -> onnx.M
     return model
 
 
-def build_train_step(forward: onnx.ModelProto, param_names: list[str], validate: bool = False
-                     ) -> onnx.ModelProto:
+def build_train_step(forward: onnx.ModelProto, param_names: list[str], validate: bool = False,
+                     frozen: tuple[str, ...] = ()) -> onnx.ModelProto:
     """The one-graph training step (see the module docstring for its signature).
 
     ``validate=True`` also runs ``onnx.checker.check_model(full_check=True)``."""
-    model = _check_forward(forward, param_names)
+    model = _check_forward(forward, param_names, frozen=frozen)
     g = model.graph
     param_names = list(param_names)
     grads = add_gradients(model, "loss", param_names)
@@ -102,6 +108,7 @@ def build_train_step(forward: onnx.ModelProto, param_names: list[str], validate:
 
     inputs = {i.name: copy.deepcopy(i) for i in g.input}
     del g.input[:]
+    g.input.extend(inputs[f] for f in frozen)
     g.input.extend(inputs[p] for p in param_names)
     g.input.extend(_value_info(inputs[p], m_name(p)) for p in param_names)
     g.input.extend(_value_info(inputs[p], v_name(p)) for p in param_names)
@@ -122,23 +129,26 @@ def build_train_step(forward: onnx.ModelProto, param_names: list[str], validate:
     return model
 
 
-def build_grad_step(forward: onnx.ModelProto, param_names: list[str]) -> onnx.ModelProto:
-    """``grad_step.onnx``: float32 parameters, then the batch -> ``loss``, ``grad.<p>``."""
-    _check_forward(forward, param_names)  # float32 only, as train_step
-    model = build_grad_model(forward, param_names)
+def build_grad_step(forward: onnx.ModelProto, param_names: list[str], frozen: tuple[str, ...] = ()
+                    ) -> onnx.ModelProto:
+    """``grad_step.onnx``: [frozen inputs,] float32 parameters, then the batch -> ``loss``, ``grad.<p>``."""
+    _check_forward(forward, param_names, frozen=frozen)  # float32 only, as train_step
+    model = build_grad_model(forward, param_names, frozen=frozen)
     g = model.graph
     inputs = {i.name: copy.deepcopy(i) for i in g.input}
     del g.input[:]
+    g.input.extend(inputs[f] for f in frozen)
     g.input.extend(inputs[p] for p in param_names)
     g.input.extend(inputs[n] for n in DATA_INPUTS)
     g.name = (g.name or "gpt2") + "_grad_step"
     return model
 
 
-def build_apply_step(forward: onnx.ModelProto, param_names: list[str]) -> onnx.ModelProto:
+def build_apply_step(forward: onnx.ModelProto, param_names: list[str], frozen: tuple[str, ...] = ()
+                     ) -> onnx.ModelProto:
     """``apply_step.onnx``: train_step's clipping and AdamW on gradients given as inputs.
     ``forward`` supplies the parameters' shapes and the opset."""
-    fwd = _check_forward(forward, param_names)
+    fwd = _check_forward(forward, param_names, frozen=frozen)  # frozen inputs are not apply_step's
     params = {i.name: i for i in fwd.graph.input if i.name in param_names}
     param_names = list(param_names)
     slots = [AdamWSlot(p, grad_name(p), m_name(p), v_name(p), new_name(p), new_m_name(p), new_v_name(p))

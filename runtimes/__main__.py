@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--hf", default=None, metavar="DIR", help="folder to write (new, empty, or an earlier export)")
     e.add_argument("--onnx", default=None, metavar="DIR",
                    help="write a transformers.js folder instead: onnx/model.onnx with the weights, config, tokenizer")
+    e.add_argument("--peft", default=None, metavar="DIR",
+                   help="a LoRA folder's adapters as PEFT saves them (adapter_config.json, adapter_model.safetensors); "
+                        "--hf and --onnx write its merged model")
     e.add_argument("--checkpoint", default=None, help="export a checkpoint's parameters")
     e.add_argument("--artifacts", default=None,
                    help="artifact folder: its initial weights when alone; the folder of --weights or --checkpoint")

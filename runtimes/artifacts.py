@@ -21,7 +21,8 @@ from contract import MANIFEST_FORMAT, TRAINING_FILES  # noqa: F401  (MANIFEST_FO
 from contract.files import sha256_file  # noqa: F401
 from contract.jsonlimits import loads_limited
 from contract.manifest import artifact_folder_holding, check_structure, describe_io, read_manifest  # noqa: F401
-from contract.manifest import tokenizer_of
+from contract import BASE_FILE
+from contract.manifest import frozen_of, tokenizer_of
 
 from .errors import ArtifactError
 
@@ -45,6 +46,55 @@ class Artifacts:
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {p["name"]: tuple(p["shape"]) for p in self.manifest["parameters"]}
+
+    @property
+    def frozen_shapes(self) -> dict[str, tuple[int, ...]]:
+        """A LoRA folder's frozen inputs (the base weights), name -> shape; empty otherwise."""
+        return {p["name"]: tuple(p["shape"]) for p in frozen_of(self.manifest)}
+
+    @property
+    def lora(self) -> dict | None:
+        """The manifest's ``lora`` entry (rank, alpha, scale, targets), None for a folder without adapters."""
+        return self.manifest.get("lora")
+
+    @property
+    def base_ref(self) -> dict | None:
+        """What a LoRA checkpoint records of the base it trained on: base.safetensors' path and sha256."""
+        if self.lora is None:
+            return None
+        return {"path": str((self.folder / BASE_FILE).resolve()), "sha256": self.manifest["frozen"]["sha256"]}
+
+    @property
+    def param_counts(self) -> tuple[int, int]:
+        """(trained, total) numbers of weights: a LoRA folder trains its adapters, its base is frozen."""
+        trained = sum(int(np.prod(s)) for s in self.param_shapes.values())
+        return trained, trained + sum(int(np.prod(s)) for s in self.frozen_shapes.values())
+
+    @property
+    def model_param_names(self) -> list[str]:
+        """The GPT-2 weights' names (decoder.onnx's inputs, what exports write): a LoRA folder's frozen
+        inputs, else its parameters."""
+        return list(self.frozen_shapes) or self.param_names
+
+    def merged(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's weights for ``params``: a LoRA folder's base with the adapters merged in
+        (W + B A alpha/rank, contract/lora.py), else ``params`` themselves; in model_param_names order."""
+        if self.lora is None:
+            return {n: params[n] for n in self.param_names}
+        from contract.lora import merge
+
+        return merge(self.frozen_weights(), params, self.config, self.lora)
+
+    def frozen_weights(self) -> dict[str, np.ndarray]:
+        """The frozen inputs' values (base.safetensors), checked against the manifest; {} without any."""
+        shapes = self.frozen_shapes
+        if not shapes:
+            return {}
+        from safetensors.numpy import load_file
+
+        weights = load_file(str(self.path(BASE_FILE)))
+        check_weights(weights, self, BASE_FILE, shapes=shapes)
+        return {n: weights[n] for n in shapes}
 
     @property
     def label_mode(self) -> str:
@@ -78,11 +128,15 @@ class Artifacts:
         optimizer treats gradients, not which model the parameters belong to, so a
         checkpoint resumes on a folder rebuilt with another threshold. A tokenizer
         other than bytes is part of the model (an id means what it says), so it is
-        in; byte folders keep the fingerprint they had before tokenizers were recorded."""
+        in; byte folders keep the fingerprint they had before tokenizers were recorded.
+        So are a LoRA folder's rank, alpha and targets (alpha scales what the adapters
+        mean); its base is checked apart, by sha256 (checkpoint.check_base)."""
         config = {k: v for k, v in self.config.items() if k != "clip"}
         parts = [config, self.manifest["parameters"]]
         if self.tokenizer["kind"] != "bytes":
             parts.append(self.tokenizer["sha256"])
+        if self.lora is not None:
+            parts.append({k: self.lora[k] for k in ("rank", "alpha", "targets")})
         key = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -94,9 +148,11 @@ class Artifacts:
         return {n: weights[n] for n in self.param_names}
 
 
-def check_weights(weights: dict[str, np.ndarray], art: Artifacts, source: str, error: type = ArtifactError) -> None:
-    """Every parameter present with the manifest's shape and float32 dtype (raises ``error``)."""
-    shapes = art.param_shapes
+def check_weights(weights: dict[str, np.ndarray], art: Artifacts, source: str, error: type = ArtifactError,
+                  shapes: dict | None = None) -> None:
+    """Every parameter (or every name of ``shapes``) present with the manifest's shape and float32
+    dtype (raises ``error``)."""
+    shapes = art.param_shapes if shapes is None else shapes
     missing = [n for n in shapes if n not in weights]
     if missing:
         raise error(f"{source}: missing parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")

@@ -21,7 +21,7 @@ import numpy as np
 from contract import BATCH_INPUTS, LOGITS_OUTPUT
 
 from .artifacts import Artifacts, check_models, check_weights, load_artifacts
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, check_base, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, InputError, OutOfMemory, RuntimeUnavailable
 from .ort_env import import_onnxruntime
 from .hp import check_clip, check_hp
@@ -50,6 +50,7 @@ class Runtime:
     name = ""
     needs: tuple[str, ...] = ()  # artifact files this backend opens
     accumulates = False  # implements _step_accumulated (grad_step.onnx + apply_step.onnx)
+    frozen_inputs = False  # binds a LoRA folder's frozen inputs (base weights) and never updates them
 
     def __init__(self, art: Artifacts, device: str = "cpu", threads: int | None = None):
         self.art = art
@@ -174,6 +175,7 @@ class Runtime:
             adam_v=moments[1] if moments else None,
             native=self._native_state(),
             extra=extra or {},
+            base=self.art.base_ref,
         )
 
     def export_weights(self, path: str | Path) -> None:
@@ -245,7 +247,7 @@ class Runtime:
             self._forward = ort.InferenceSession(
                 str(self.art.path("forward.onnx")), so, providers=["CPUExecutionProvider"]
             )
-        feeds = {**dict(zip(BATCH_INPUTS, (tokens, positions))), **self.parameters()}
+        feeds = {**dict(zip(BATCH_INPUTS, (tokens, positions))), **self.art.frozen_weights(), **self.parameters()}
         return self._forward.run([LOGITS_OUTPUT], feeds)[0]
 
     # --- shared helpers -----------------------------------------------------
@@ -308,6 +310,9 @@ def load(artifacts: str | Path, runtime: str = "ort-training", device: str = "cp
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads must be a positive integer or None, got {threads!r}")
     art = load_artifacts(artifacts, verify=verify, needs=cls.needs)
+    if art.lora is not None and not cls.frozen_inputs:
+        raise RuntimeUnavailable(f"{art.folder} is a LoRA folder (frozen base weights); runtime {runtime!r} does not "
+                                 f"train frozen inputs: use --runtime ort or reference")
     check_models(art)  # before any session reads a model
     return cls(art, device=device, threads=threads)
 
@@ -322,6 +327,7 @@ def resume(path: str | Path, runtime: str | None = None, device: str = "cpu",
     """
     ckpt = load_checkpoint(path)
     rt = load(artifacts or ckpt.artifacts, runtime or ckpt.runtime, device, threads)
+    check_base(ckpt, rt.art, str(path))
     if ckpt.fingerprint != rt.art.fingerprint:
         raise CheckpointError(
             f"{path} was written for another model (fingerprint {ckpt.fingerprint}) than the artifacts in "

@@ -6,6 +6,9 @@ Tensors: ``param/<name>`` for every parameter, ``adam_m/<name>`` and
 (ONNX Runtime training's checkpoint). Metadata (safetensors' string map):
 format and version, runtime, step count, the artifact folder and its model
 fingerprint, and ``extra`` (JSON: the data sampler's state, run options).
+A LoRA checkpoint holds the adapters as its parameters (and their moments) and
+``base`` (JSON: path and sha256 of the base.safetensors it trained on), which
+resume checks: the frozen base is not in the file.
 
 Writes are atomic (contract.files.write_atomic): a crash at any point leaves
 either the old file or the new one, never half of one; a write that fails
@@ -48,6 +51,7 @@ class Checkpoint:
     adam_v: dict[str, np.ndarray] | None = None
     native: bytes | None = None
     extra: dict = field(default_factory=dict)
+    base: dict | None = None  # a LoRA checkpoint's base weights: {"path", "sha256"}
 
 
 def _tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
@@ -78,6 +82,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "extra": dumps_strict(ckpt.extra, "checkpoint extra", InputError),
         "tensors_sha256": _tensors_sha256(tensors),
     }
+    if ckpt.base is not None:
+        meta["base"] = dumps_strict(ckpt.base, "checkpoint base", InputError)
     write_atomic(Path(path), save(tensors, metadata=meta))
 
 
@@ -106,6 +112,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: step is {step}, must be >= 0")
     if not isinstance(extra, dict):
         raise CheckpointError(f"{path}: metadata 'extra' is a {type(extra).__name__}, expected a JSON object")
+    base = None
+    if "base" in meta:
+        base = loads_limited(meta["base"], f"{path}: metadata 'base'", CheckpointError)
+        if not isinstance(base, dict) or not all(isinstance(base.get(k), str) for k in ("path", "sha256")):
+            raise CheckpointError(f"{path}: metadata 'base' = {meta['base']!r} is not {{path, sha256}}")
     want_sha = meta.get("tensors_sha256")
     if want_sha is not None and _tensors_sha256(tensors) != want_sha:
         raise CheckpointError(f"{path}: tensor data does not match the sha256 recorded when it was saved (corrupted file)")
@@ -147,4 +158,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         adam_v=adam_v,
         native=native,
         extra=extra,
+        base=base,
     )
+
+
+def check_base(ckpt: Checkpoint, art, where: str) -> None:
+    """A LoRA checkpoint resumes only on the base weights it trained (same sha256); CheckpointError otherwise."""
+    want, have = ckpt.base, art.base_ref
+    if want is None and have is None:
+        return
+    if want is None or have is None:
+        raise CheckpointError(
+            f"{where} {'holds adapters of a LoRA folder' if want else 'holds a full model'}, but {art.folder} "
+            f"{'is not a LoRA folder' if want else 'is a LoRA folder'}: resume it on the folder it was written for")
+    if want["sha256"] != have["sha256"]:
+        raise CheckpointError(
+            f"{where} trained adapters on base weights {want['path']} (sha256 {want['sha256'][:16]}...), but "
+            f"{have['path']} has sha256 {have['sha256'][:16]}...: a LoRA checkpoint resumes only on its own base")

@@ -33,7 +33,15 @@ generated correctly. A byte folder gets a byte-level ``tokenizer.json`` whose
 ids 0..255 are the raw bytes, so the prompt encodes to the ids this project's
 sampler feeds.
 
-Either DIR is written in a temporary sibling and swapped in; it must
+From a LoRA folder (its checkpoint, initial weights or weights file: the
+adapters), ``--hf`` and ``--onnx`` write the merged model, ``W + B A alpha/rank``
+(contract/lora.py), and ``--peft DIR`` writes the adapters alone as PEFT saves
+them: ``adapter_config.json`` and ``adapter_model.safetensors``, which
+``peft.PeftModel.from_pretrained(base, DIR)`` loads onto the base model (the
+``--hf`` export of the folder's initial weights, or the Hugging Face folder it
+was built from).
+
+Every DIR is written in a temporary sibling and swapped in; it must
 be new, empty, or an earlier export (contract/outfolder.py), and never inside an
 artifact folder.
 """
@@ -47,13 +55,13 @@ from pathlib import Path
 
 import numpy as np
 
-from contract import HF_EXPORT_FORMAT, HF_EXPORT_MARKER
+from contract import BASE_FILE, HF_EXPORT_FORMAT, HF_EXPORT_MARKER
 from contract.files import refuse_artifact_folder, sha256_file
 from contract.hf_layout import to_hf
 from contract.outfolder import FolderKind, check_out_folder, make_temp_sibling, swap_in
 
 from .artifacts import Artifacts, check_weights, load_artifacts
-from .checkpoint import load_checkpoint
+from .checkpoint import check_base, load_checkpoint
 from .errors import ArtifactError, CheckpointError, InputError, OutputError
 from .tokenizer import load_tokenizer
 
@@ -61,6 +69,8 @@ EXPORT_FOLDER = FolderKind(marker=HF_EXPORT_MARKER, format=HF_EXPORT_FORMAT, nou
                            option="--hf", verb="write")
 ONNX_EXPORT_FOLDER = FolderKind(marker=HF_EXPORT_MARKER, format=HF_EXPORT_FORMAT, noun="an earlier export",
                                 option="--onnx", verb="write")
+PEFT_EXPORT_FOLDER = FolderKind(marker=HF_EXPORT_MARKER, format=HF_EXPORT_FORMAT, noun="an earlier export",
+                                option="--peft", verb="write")
 END_OF_TEXT = "<|endoftext|>"
 DECODER = "decoder.onnx"
 TJS_MODEL = "onnx/model.onnx"  # transformers.js's file for a decoder-only model at dtype fp32
@@ -87,6 +97,7 @@ def source_weights(checkpoint=None, artifacts=None, weights=None) -> tuple[Artif
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint)
         art = load_artifacts(artifacts or ckpt.artifacts)
+        check_base(ckpt, art, str(checkpoint))
         if ckpt.fingerprint != art.fingerprint:
             raise CheckpointError(
                 f"{checkpoint} was written for another model (fingerprint {ckpt.fingerprint}) than the artifacts in "
@@ -138,11 +149,15 @@ def hf_config(cfg: dict, bos: int | None, eos: int | None) -> dict:
 def _prepare(out, flag: str, folder_kind, force: bool, checkpoint, artifacts, weights):
     """What both exports check and read first: the output folder may be written (never inside an
     artifact folder, never a user's folder), then the weights and the folder's tokenizer.
-    Returns (out, art, params, origin, tokenizer, end-of-text id: GPT-2's bos and eos, or None)."""
+    Returns (out, art, the model's weights (a LoRA folder's merged), origin, tokenizer,
+    end-of-text id: GPT-2's bos and eos, or None)."""
     out = Path(os.path.abspath(out))
     refuse_artifact_folder(out, flag)
     check_out_folder(out, folder_kind, force)
     art, params, origin = source_weights(checkpoint, artifacts, weights)
+    if art.lora is not None:
+        params = art.merged(params)
+        origin["merged_lora"] = {k: art.lora[k] for k in ("rank", "alpha", "targets")}
     tok = load_tokenizer(art)
     end = None if tok.kind == "bytes" else tok.token_to_id(END_OF_TEXT)
     return out, art, params, origin, tok, end
@@ -230,14 +245,14 @@ def transformersjs_model(art: Artifacts, params: dict[str, np.ndarray]):
         node.output[:] = [rename.get(n, n) for n in node.output]
     for v in (*g.input, *g.output, *g.value_info):
         v.name = rename.get(v.name, v.name)
-    names = set(art.param_names)
+    names = set(art.model_param_names)
     inputs = [v for v in g.input if v.name not in names]
     # transformers.js always feeds it; the total length is the past's plus the new tokens'
     mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "past+seq"])
     del g.input[:]
     g.input.extend([inputs[0], mask, *inputs[1:]])
     g.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(params[n], np.float32), n)
-                         for n in art.param_names)
+                         for n in art.model_param_names)
     return model
 
 
@@ -292,19 +307,59 @@ def export_onnx(out: str | Path, checkpoint=None, artifacts=None, weights=None, 
     return files
 
 
+def export_peft(out: str | Path, checkpoint=None, artifacts=None, weights=None, force: bool = False,
+                log=print) -> dict:
+    """Write a LoRA folder's adapters as PEFT's ``out`` (adapter_config.json, adapter_model.safetensors);
+    returns {file name: sha256}. InputError for a folder without adapters."""
+    from safetensors.numpy import save_file
+
+    from contract.lora import peft_config, to_peft
+
+    out = Path(os.path.abspath(out))
+    refuse_artifact_folder(out, "--peft")
+    check_out_folder(out, PEFT_EXPORT_FOLDER, force)
+    art, params, origin = source_weights(checkpoint, artifacts, weights)
+    if art.lora is None:
+        raise InputError(f"--peft: {art.folder} is not a LoRA folder (it trains every weight; build one with "
+                         f"--lora-rank); export it with --hf instead")
+    source = art.manifest.get("source") or {}
+    tmp = make_temp_sibling(out, PEFT_EXPORT_FOLDER)
+    try:
+        save_file(to_peft(params, art.config, art.lora), str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        config = peft_config(art.lora, source.get("path") if isinstance(source.get("path"), str) else None)
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        marker = {"format": HF_EXPORT_FORMAT, "files": files, "from": origin,
+                  "base": {"file": str(art.path(BASE_FILE).resolve()), "sha256": art.manifest["frozen"]["sha256"]}}
+        (tmp / HF_EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        for p in tmp.iterdir():
+            p.chmod(0o644)
+        swap_in(tmp, out, PEFT_EXPORT_FOLDER, force)
+    except OSError as e:
+        raise OutputError(f"could not write the export {out}: {e.strerror or e}; {out} is as it was") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {out}: {', '.join(sorted(files))} ({sum(p.size for p in params.values()):,} adapter parameters, "
+        f"rank {art.lora['rank']} on {','.join(art.lora['targets'])}"
+        + (f", from step {origin['step']})" if "step" in origin else ")"))
+    return files
+
+
 def main(args) -> int:
     """The ``export`` subcommand; exit status 2 with one line for every bad input."""
     import sys
 
     from .errors import GPT2OnnxError
 
-    if bool(args.hf) == bool(args.onnx):
-        print("error: give one of --hf DIR (transformers) or --onnx DIR (transformers.js): the folder to write",
-              file=sys.stderr)
+    targets = [t for t in (args.hf, args.onnx, getattr(args, "peft", None)) if t]
+    if len(targets) != 1:
+        print("error: give one of --hf DIR (transformers), --onnx DIR (transformers.js) or --peft DIR (a LoRA "
+              "folder's adapters for PEFT): the folder to write", file=sys.stderr)
         return 2
-    export = export_hf if args.hf else export_onnx
+    export = export_hf if args.hf else export_onnx if args.onnx else export_peft
     try:
-        export(args.hf or args.onnx, checkpoint=args.checkpoint, artifacts=args.artifacts, weights=args.weights,
+        export(targets[0], checkpoint=args.checkpoint, artifacts=args.artifacts, weights=args.weights,
                force=args.force)
     except GPT2OnnxError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)

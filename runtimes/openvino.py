@@ -56,6 +56,7 @@ def compile_config(threads: int | None) -> dict:
 
 class OpenVinoRuntime(Runtime):
     name = "openvino"
+    frozen_inputs = True  # bound once per request from arrays no output is ever written to
     needs = ("train_step.onnx", "eval_model.onnx", "forward.onnx", "weights.safetensors")
 
     def __init__(self, art, device="cpu", threads=None):
@@ -75,6 +76,8 @@ class OpenVinoRuntime(Runtime):
         self._sets = (self._new_state(), self._new_state())
         self._which = 0  # self._sets[self._which] is the current state; a step writes the other, then they swap
         self._fill(self._sets[0], art.initial_weights(), None, None)
+        self._frozen = art.frozen_weights()  # a LoRA folder's base weights: inputs only
+        self._frozen_t = {n: self._wrap(a) for n, a in self._frozen.items()}
         # scalars: OpenVINO-allocated (a tensor wrapping a 0-d array has shape (1,), which a scalar port refuses)
         self._scalars = {name: self._ov.Tensor(self._ov.Type.f32, self._ov.Shape([]))
                          for name in (CLIP_INPUT, LOSS_OUTPUT, GRAD_NORM_OUTPUT)}
@@ -87,7 +90,7 @@ class OpenVinoRuntime(Runtime):
             for key in self._keys:
                 req.set_tensor(key, self._sets[src][key][1])
                 req.set_tensor(self._out_of[key], self._sets[dst][key][1])
-            for name, t in self._scalars.items():
+            for name, t in (*self._scalars.items(), *self._frozen_t.items()):
                 req.set_tensor(name, t)
             self._step_reqs.append(req)
 
@@ -161,6 +164,8 @@ class OpenVinoRuntime(Runtime):
 
     def _run_on_state(self, model: str, data: dict, output: str) -> np.ndarray:
         req = self._request(model)
+        for n, t in self._frozen_t.items():
+            req.set_tensor(n, t)
         for n in self._names:
             req.set_tensor(n, self._cur[n][1])
         for name, arr in data.items():
@@ -176,6 +181,9 @@ class OpenVinoRuntime(Runtime):
         return self._run_on_state("forward.onnx", dict(zip(BATCH_INPUTS, (tokens, positions))), LOGITS_OUTPUT)
 
     # --- export and restore -----------------------------------------------------
+
+    def frozen(self) -> dict[str, np.ndarray]:
+        return {n: a.copy() for n, a in self._frozen.items()}
 
     def parameters(self) -> dict[str, np.ndarray]:
         return {n: self._cur[n][0].copy() for n in self._names}

@@ -15,6 +15,9 @@ host, and only the loss comes back.
   computing ``b1 * m``, which ``new.m.<p>``'s node depends on. It saves two
   copies of the model's size (about 1 GiB on gpt2).
 
+- Frozen inputs (a LoRA folder's base weights): uploaded once, bound as inputs of
+  every run and never an output, so they stay bit-identical however long it trains.
+
 A step whose loss is not finite does not commit the parameters (no swap), but
 its moments are already written, as with ``ort-training``'s in-place update:
 the runtime then refuses to step again until a checkpoint is restored (train()
@@ -96,6 +99,7 @@ def _load_cuda_libraries(ort) -> None:
 class OrtRuntime(Runtime):
     name = "ort"
     accumulates = True
+    frozen_inputs = True
     needs = ("train_step.onnx", "eval_model.onnx", "forward.onnx", "weights.safetensors")
 
     def __init__(self, art, device="cpu", threads=None):
@@ -133,6 +137,7 @@ class OrtRuntime(Runtime):
         self._owned: list[str] | None = None  # parameters whose moments this process keeps (None: all)
         self._sharded_apply = None
         self._set_state(weights, zeros, zeros)
+        self._frozen = self._upload_frozen(art.frozen_weights())  # bound as inputs, never written
         self._stale_moments_at: int | None = None  # the step whose diverged update left the moments written
         self._loss_out = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32, "cpu", 0)  # the step's loss lands here
         self._norm_out = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32, "cpu", 0)  # and its gradient norm
@@ -163,11 +168,28 @@ class OrtRuntime(Runtime):
                 out[name(n)] = value
         return out
 
+    def _upload_frozen(self, weights: dict[str, np.ndarray]) -> dict[str, object]:
+        out = {}
+        for n, w in weights.items():
+            value = self._ort.OrtValue.ortvalue_from_shape_and_type(list(w.shape), np.float32, self._ort_device, 0)
+            value.update_inplace(np.ascontiguousarray(w, dtype=np.float32))
+            out[n] = value
+        return out
+
+    def _bind_frozen(self, b) -> None:
+        for name, value in self._frozen.items():
+            b.bind_ortvalue_input(name, value)
+
+    def frozen(self) -> dict[str, np.ndarray]:
+        """Copies of the frozen inputs as the device holds them (tests: unchanged by training)."""
+        return {n: v.numpy().copy() for n, v in self._frozen.items()}
+
     def _run(self, tokens, positions, labels, hp, clip, moments_out=None):
         """One train_step: new parameters into the spare buffers (not yet committed), new moments
         into ``moments_out`` (default: in place, over the current ones); returns the loss."""
         moments_out = self._state if moments_out is None else moments_out
         b = self._sess.io_binding()
+        self._bind_frozen(b)
         for name, value in self._state.items():
             b.bind_ortvalue_input(name, value)
         for name, arr in (*zip(BATCH_INPUTS, (tokens, positions, labels)), (HP_INPUT, hp), (CLIP_INPUT, clip)):
@@ -238,6 +260,7 @@ class OrtRuntime(Runtime):
         (on the CPU provider straight into ``out``'s arrays, which the outputs are bound to: no copy)."""
         sess = self._session("grad_step.onnx")
         b = sess.io_binding()
+        self._bind_frozen(b)
         for n in self._names:
             b.bind_ortvalue_input(n, self._state[n])
         for name, arr in zip(BATCH_INPUTS, (tokens, positions, labels)):
@@ -323,6 +346,7 @@ class OrtRuntime(Runtime):
         """Run eval_model.onnx or forward.onnx on the parameters where they live (no host copy)."""
         sess = self._session(model)
         b = sess.io_binding()
+        self._bind_frozen(b)
         for n in self._names:
             b.bind_ortvalue_input(n, self._state[n])
         for name, arr in data.items():

@@ -41,6 +41,7 @@ def _import_api():
 
 class OrtTrainingRuntime(Runtime):
     name = "ort-training"
+    frozen_inputs = True  # a LoRA folder's base: frozen_params of the training set, in ORT's checkpoint
     needs = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 
     def __init__(self, art, device="cpu", threads=None):
@@ -123,6 +124,10 @@ class OrtTrainingRuntime(Runtime):
 
     def parameters(self) -> dict[str, np.ndarray]:
         return {n: np.array(self._state.parameters[n].data, copy=True) for n in self.art.param_names}
+
+    def frozen(self) -> dict[str, np.ndarray]:
+        """A LoRA folder's base weights as ONNX Runtime holds them (frozen_params of its checkpoint)."""
+        return {n: np.array(self._state.parameters[n].data, copy=True) for n in self.art.frozen_shapes}
 
     def _native_state(self) -> bytes:
         fd, tmp = tempfile.mkstemp(prefix="ort-ckpt-")

@@ -29,6 +29,7 @@ def evaluator(path: str):
 class ReferenceRuntime(Runtime):
     name = "reference"
     accumulates = True
+    frozen_inputs = True  # a LoRA folder's base weights: in every feed, never replaced
     needs = ("train_step.onnx", "eval_model.onnx", "forward.onnx", "weights.safetensors")
 
     def __init__(self, art, device="cpu", threads=None):
@@ -43,11 +44,12 @@ class ReferenceRuntime(Runtime):
         self._sharded_apply = None
         self._names = art.param_names
         self._params = art.initial_weights()
+        self._frozen = art.frozen_weights()
         self._m = {n: np.zeros_like(w) for n, w in self._params.items()}
         self._v = {n: np.zeros_like(w) for n, w in self._params.items()}
 
     def _run(self, tokens, positions, labels, hp, clip):
-        feeds = {**self._params, **{m_name(n): a for n, a in self._m.items()}, **{v_name(n): a for n, a in self._v.items()},
+        feeds = {**self._frozen, **self._params, **{m_name(n): a for n, a in self._m.items()}, **{v_name(n): a for n, a in self._v.items()},
                  **dict(zip(BATCH_INPUTS, (tokens, positions, labels))), HP_INPUT: hp, CLIP_INPUT: clip}
         out = dict(zip(self._step_eval.output_names, self._step_eval.run(None, feeds)))
         return float(out[LOSS_OUTPUT]), out
@@ -71,7 +73,7 @@ class ReferenceRuntime(Runtime):
 
     def _micro_gradients(self, tokens, positions, labels, out=None):
         grad_eval = self._split()[0]
-        res = grad_eval.run(None, {**self._params, **dict(zip(BATCH_INPUTS, (tokens, positions, labels)))})
+        res = grad_eval.run(None, {**self._frozen, **self._params, **dict(zip(BATCH_INPUTS, (tokens, positions, labels)))})
         res = dict(zip(grad_eval.output_names, res))
         grads = {n: res[grad_name(n)] for n in self._names}
         if out is not None:
@@ -123,16 +125,19 @@ class ReferenceRuntime(Runtime):
     def _loss(self, tokens, positions, labels) -> float:
         if self._loss_eval is None:
             self._loss_eval = evaluator(str(self.art.path("eval_model.onnx")))
-        feeds = {**self._params, "tokens": tokens, "positions": positions, "labels": labels}
+        feeds = {**self._frozen, **self._params, "tokens": tokens, "positions": positions, "labels": labels}
         return float(self._loss_eval.run([LOSS_OUTPUT], feeds)[0])
 
     def _logits(self, tokens, positions) -> np.ndarray:
         if self._fwd_eval is None:
             self._fwd_eval = evaluator(str(self.art.path("forward.onnx")))
-        return self._fwd_eval.run(["logits"], {**self._params, "tokens": tokens, "positions": positions})[0]
+        return self._fwd_eval.run(["logits"], {**self._frozen, **self._params, "tokens": tokens, "positions": positions})[0]
 
     def parameters(self):
         return {n: a.copy() for n, a in self._params.items()}
+
+    def frozen(self) -> dict[str, np.ndarray]:
+        return {n: a.copy() for n, a in self._frozen.items()}
 
     def moments(self):
         return {n: a.copy() for n, a in self._m.items()}, {n: a.copy() for n, a in self._v.items()}

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from contract import KV_KINDS, LOGITS_OUTPUT, past_name, present_name
+from contract import BASE_FILE, KV_KINDS, LOGITS_OUTPUT, past_name, present_name
 
 from .artifacts import Artifacts, check_models, check_weights, load_artifacts, sha256_file
+from .checkpoint import check_base
 from .errors import ArtifactError, CheckpointError, InputError
 from .ort_env import import_onnxruntime
 
@@ -173,7 +174,7 @@ class Decoder:
         self.context, self.vocab = cfg["context"], cfg["vocab"]
         self._heads, self._d_head = cfg["n_heads"], cfg["d_model"] // cfg["n_heads"]
         self._cache_names = [(past_name(l, k), present_name(l, k)) for l in range(cfg["n_layers"]) for k in KV_KINDS]
-        want = ["tokens", "positions", *art.param_names, *(p for p, _ in self._cache_names)]
+        want = ["tokens", "positions", *art.model_param_names, *(p for p, _ in self._cache_names)]
         got = [v["name"] for v in art.model_io(DECODER)["inputs"]]
         if got != want:
             raise ArtifactError(f"{art.folder}/{DECODER}: inputs {got[:4]}... are not this sampler's "
@@ -183,7 +184,7 @@ class Decoder:
                                           providers=["CPUExecutionProvider"])
         self._binding = self._sess.io_binding()
         self._params = {}  # bound once, for every call
-        for n in art.param_names:
+        for n in art.model_param_names:
             value = ort.OrtValue.ortvalue_from_shape_and_type(list(params[n].shape), np.float32, "cpu", 0)
             value.update_inplace(np.ascontiguousarray(params[n], dtype=np.float32))  # a copy, not an alias
             self._binding.bind_ortvalue_input(n, value)
@@ -294,7 +295,7 @@ def load_for_sampling(checkpoint: str | Path | None = None, artifacts: str | Pat
     if DECODER not in art.manifest["files"]:
         raise ArtifactError(f"{art.folder} has no {DECODER} (built before generation was added); rebuild it with "
                             f"python -m graphgen build (checkpoints carry over)")
-    opened = [DECODER] + ([] if ckpt else ["weights.safetensors"])
+    opened = [DECODER] + ([] if ckpt else ["weights.safetensors"]) + ([BASE_FILE] if art.lora else [])
     for name in opened:
         path, info = art.path(name), art.manifest["files"][name]
         if not path.is_file():
@@ -303,12 +304,13 @@ def load_for_sampling(checkpoint: str | Path | None = None, artifacts: str | Pat
             raise ArtifactError(f"{path}: size or sha256 differs from manifest.json (corrupted or from another build)")
     check_models(art, only=(DECODER,))
     if ckpt is None:
-        return art, art.initial_weights()
+        return art, art.merged(art.initial_weights())  # a LoRA folder: the adapters merged into the base
+    check_base(ckpt, art, str(checkpoint))
     if ckpt.fingerprint != art.fingerprint:
         raise CheckpointError(f"{checkpoint} was written for another model (fingerprint {ckpt.fingerprint}) than "
                               f"the artifacts in {art.folder} ({art.fingerprint})")
     check_weights(ckpt.params, art, str(checkpoint), error=CheckpointError)
-    return art, {n: ckpt.params[n] for n in art.param_names}
+    return art, art.merged(ckpt.params)
 
 
 @dataclass

@@ -163,7 +163,8 @@ def _space_needed(art: Artifacts, opts: TrainOptions, out: Path) -> tuple[int, i
     for the temporary copy an atomic replace writes.
     """
     n = sum(4 * math.prod(p["shape"]) for p in art.manifest["parameters"])
-    ckpt = (6 if opts.runtime == "ort-training" else 3) * n + (1 << 20)
+    frozen = sum(4 * math.prod(s) for s in art.frozen_shapes.values())  # in ORT's own checkpoint (LoRA)
+    ckpt = (6 * n + frozen if opts.runtime == "ort-training" else 3 * n) + (1 << 20)
     weights = n + (64 << 10)
     rest = 200 * opts.steps + (1 << 20)  # log.jsonl, loss.png, sample.txt, summary.json
     existing = sum((out / f).stat().st_size for f in (CHECKPOINT_NAME, "weights.safetensors") if (out / f).is_file())
@@ -429,6 +430,7 @@ class _Run:
             + f", gradient clipping {'at ' + format(self.clip, 'g') if 0 < self.clip < math.inf else 'off'}"
             + (f", {self.world.size} data-parallel ranks" + (" sharing the optimizer state" if o.shard_optimizer else "")
                if self.world else "")
+            + ", {:,} of {:,} parameters trained".format(*rt.art.param_counts)
         )
         self.start_step, self.first_val = rt.step_count, self.evaluate()
         self.echo(f"validation loss at step {rt.step_count}: {self.first_val:.4f}")
@@ -525,8 +527,9 @@ def train(opts: TrainOptions, echo=print) -> dict:
         run.start()
         from tqdm import tqdm
 
+        trained, total = run.rt.art.param_counts
         bar = tqdm(total=run.stop, initial=min(run.rt.step_count, run.stop), disable=not (opts.progress and run.writer), unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, desc=f"train {trained:,}/{total:,}" if trained < total else None)
         t_start = time.perf_counter()
         try:
             # O_NOFOLLOW: the log was just replaced atomically; a link planted since is refused, not followed

@@ -19,6 +19,8 @@ export const CONSTANTS = deepFreeze(constants);
 export const MANIFEST_FORMAT = CONSTANTS.format;
 /** The format versions these hosts read. */
 export const MANIFEST_VERSIONS = Object.freeze([CONSTANTS.format_version]);
+/** The version of a folder with frozen inputs (LoRA), which these hosts do not train: they refuse it. */
+export const FROZEN_MANIFEST_VERSION = CONSTANTS.frozen_format_version;
 /** version -> why it is refused. */
 export const RETIRED_VERSIONS = new Map(Object.entries(CONSTANTS.retired_versions).map(([k, why]) => [Number(k), why]));
 export const CONFIG_KEYS = CONSTANTS.config_keys;

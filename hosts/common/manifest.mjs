@@ -5,7 +5,9 @@
 // Like every shared check, it throws `new Err(message)`: Err defaults to Error (what the page
 // reports); hosts/node passes its own error classes.
 
-import { CONFIG_KEYS, CONFIG_SIZES, HP_LAYOUT, LABEL_MODES, MANIFEST_FORMAT, MANIFEST_VERSIONS, RETIRED_VERSIONS } from './contract.mjs';
+import {
+  CONFIG_KEYS, CONFIG_SIZES, FROZEN_MANIFEST_VERSION, HP_LAYOUT, LABEL_MODES, MANIFEST_FORMAT, MANIFEST_VERSIONS, RETIRED_VERSIONS,
+} from './contract.mjs';
 import { isObject, kindOf, own, sameShape, show } from './util.mjs';
 
 /**
@@ -37,6 +39,10 @@ export function checkManifest(manifest, where = 'manifest.json', Err = Error) {
   const version = manifest.format_version;
   if (RETIRED_VERSIONS.has(version)) {
     throw new Err(`${where}: format_version ${version} is retired: ${RETIRED_VERSIONS.get(version)}; rebuild the artifacts (python -m graphgen build, or make artifacts)`);
+  }
+  if (version === FROZEN_MANIFEST_VERSION || own(manifest, 'frozen')) {
+    // A host that trained it would update the base weights or miss their inputs: it is refused whole.
+    throw new Err(`${where}: format_version ${show(version)} is a LoRA folder (frozen base weights); this host does not train frozen inputs: use python -m runtimes train --runtime ort`);
   }
   if (!MANIFEST_VERSIONS.includes(version)) {
     throw new Err(`${where}: format_version ${show(version)} is not one this host reads (${MANIFEST_VERSIONS.join(', ')}); rebuild the artifacts`);
