@@ -104,8 +104,8 @@ RUNTIMES = ("ort", "ort-split", "ort-training", "openvino", "torch", "torch-sdpa
 BASELINE = "torch"
 
 # The issue's targets: (case label, runtime) -> minimum tokens/s ratio to the baseline.
-SPEED_TARGETS = {"small 1x256": 1.5, "mid 8x256": 1.2, "gpt2 1x1024": 1.0}
-SGEMM_TARGET = ("mid 8x256", 60.0)  # percent of the measured sgemm rate
+SPEED_TARGETS = {"small 1x256": 1.5, "mid 1x256": 1.3, "mid 8x256": 1.3, "gpt2 1x1024": 1.7}
+SGEMM_TARGET = ("mid 8x256", 65.0)  # percent of the measured sgemm rate
 RSS_TARGET = 0.8  # peak RSS at most this fraction of the baseline's
 BUILD_TARGET = ("gpt2", 60.0, 4.0)  # seconds, GiB
 
