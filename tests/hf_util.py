@@ -37,24 +37,33 @@ def tricky_text() -> bytes:
     return ("\ufeff" + "".join(TRICKY) + CORPUS.read_text() * 3).encode() + b"\xff\xfe invalid UTF-8 \xe6\x9d\n"
 
 
-def make_hf_folder(folder: Path, shape: dict = SHAPE, seed: int = 0) -> Path:
-    import tokenizers
+def save_hf(folder: Path, shape: dict, dtype=None, shard: str | None = None, seed: int = 0) -> Path:
+    """A GPT2LMHeadModel of ``shape`` with random weights (biases and LayerNorms too) saved in ``folder``."""
     import torch
     import transformers
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = tokenizers.ByteLevelBPETokenizer()
-    tok.train_from_iterator([CORPUS.read_text()], vocab_size=shape["vocab_size"], min_frequency=2,
-                            special_tokens=[SPECIAL], show_progress=False)
-    tok.save(str(folder / "tokenizer.json"))
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(bos_token_id=0, eos_token_id=0, **shape))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:  # LayerNorm gains 1 and biases 0 at init: make them count
                 p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
     return folder
+
+
+def make_hf_folder(folder: Path, shape: dict = SHAPE, seed: int = 0) -> Path:
+    """save_hf's model plus a byte-level BPE tokenizer.json trained on the page's corpus."""
+    import tokenizers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = tokenizers.ByteLevelBPETokenizer()
+    tok.train_from_iterator([CORPUS.read_text()], vocab_size=shape["vocab_size"], min_frequency=2,
+                            special_tokens=[SPECIAL], show_progress=False)
+    tok.save(str(folder / "tokenizer.json"))
+    return save_hf(folder, shape, seed=seed)
 
 
 def build_hf_artifacts(hf: Path, out: Path) -> Path:

@@ -24,6 +24,7 @@ from contract.errors import ArtifactError, CheckpointError  # noqa: E402
 from contract.manifest import check_structure  # noqa: E402
 from graphgen import __main__ as build_cli  # noqa: E402
 from runtimes import __main__ as run_cli  # noqa: E402
+from tests.hf_util import save_hf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "hosts" / "web" / "corpus.txt"
@@ -36,18 +37,6 @@ SHAPE_B = dict(n_embd=48, n_head=3, n_layer=1, n_positions=16, vocab_size=320, n
                activation_function="gelu_pytorch_tanh")
 
 
-def save_hf(folder: Path, shape: dict, dtype=None, shard: str | None = None, seed: int = 0) -> Path:
-    """A GPT2LMHeadModel of ``shape`` with random weights (biases and LayerNorms too) saved in ``folder``."""
-    torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(bos_token_id=0, eos_token_id=0, **shape))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:  # LayerNorm gains 1 and biases 0 at init: make them count
-                p.add_(torch.randn_like(p) * 0.1)
-    if dtype is not None:
-        model = model.to(dtype)
-    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
-    return folder
 
 
 def cli(main, argv: list[str]) -> int:

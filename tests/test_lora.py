@@ -443,7 +443,8 @@ def test_from_hf_lora_round_trip_through_peft(tmp_path, capsys):
 
     from graphgen.__main__ import main as build_main
     from runtimes.export import export_peft
-    from tests.test_huggingface import SHAPE_A, save_hf
+    from tests.hf_util import save_hf
+    from tests.test_huggingface import SHAPE_A
 
     hf = save_hf(tmp_path / "hf", SHAPE_A, seed=3)  # biases and LayerNorms random too
     assert build_main(["build", "--from-hf", str(hf), "--out", str(tmp_path / "art"), "--lora-rank", "3",
