@@ -419,7 +419,7 @@ def test_web_screenshot_is_png(web_runs):
 # --use-webgpu-adapter=swiftshader (drive.mjs --webgpu). onnxruntime-web's WebGPU provider
 # then runs train_step.onnx in WGSL shaders: another compiler and other kernels than wasm's,
 # so float32 sums in other orders.
-WEBGPU_LOSS_TOL = 1e-4  # the issue asked 1e-3; SwiftShader gives 1e-7
+WEBGPU_LOSS_TOL = 1e-4  # the wasm tolerance; SwiftShader gives 1e-7
 
 
 @pytest.fixture(scope="module")
