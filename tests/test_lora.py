@@ -182,10 +182,31 @@ def test_small_with_two_threads(name, small_lora):
 
 # --- hosts that do not train frozen inputs refuse a LoRA folder ----------------------------
 
-def test_node_host_refuses_a_lora_folder(node_host, tiny_lora, tmp_path):
-    from tests.test_host_reliability import SMALL, expect_refusal, run_node
+def test_node_host_trains_a_lora_folder_like_python(node_host, tiny_lora, tmp_path):
+    """hosts/node feeds the frozen base at every step and trains only the adapters: its losses
+    and saved adapters equal the Python `ort` runtime's on the same batches to 1e-5, the
+    tolerance of full folders (onnxruntime-node is another onnxruntime build than Python's)."""
+    from safetensors.numpy import load_file
 
-    r = run_node("--artifacts", tiny_lora, *SMALL, "--out", tmp_path / "w.safetensors")
+    from runtimes.batchfile import make_batch_file
+    from tests.test_host_reliability import SMALL, expect_refusal, run_node
+    from tests.test_node_host import losses_of, python_run
+
+    bf = make_batch_file(tiny_lora, tmp_path / "batches.safetensors", steps=5, batch=2, seq=16, seed=4, lr=1e-2)
+    out = tmp_path / "adapters.safetensors"
+    r = run_node("--artifacts", tiny_lora, "--batches", bf, "--out", out)
+    assert r.returncode == 0, r.stderr
+    node_losses = losses_of(r.stdout)
+    py_losses, py_params = python_run(tiny_lora, "ort", bf)
+    assert len(node_losses) == 5 and max(abs(a - b) for a, b in zip(node_losses, py_losses)) <= 1e-5
+    saved = load_file(str(out))
+    assert sorted(saved) == sorted(py_params)  # the adapters only: the base is not the host's to write
+    for n, w in py_params.items():
+        np.testing.assert_allclose(saved[n], w, rtol=0, atol=1e-5 * max(1.0, float(np.abs(w).max())))
+    assert any(np.any(saved[n] != w) for n, w in load_file(str(tiny_lora / "weights.safetensors")).items())
+
+    # the training-set trainer has no frozen inputs: refused in one line, nothing written
+    r = run_node("--artifacts", tiny_lora, *SMALL, "--out", tmp_path / "w.safetensors", "--training-set")
     expect_refusal(r, "format_version 4", "LoRA folder", "--runtime ort")
     assert r.stdout == "" and not (tmp_path / "w.safetensors").exists()
 

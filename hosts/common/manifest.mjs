@@ -33,18 +33,22 @@ const OPTIONAL_NUMBERS = [
  * internal consistency (parameter shapes vs config, file entries). Throws `new Err(message)`
  * naming `where` and the bad value; returns the manifest.
  */
-export function checkManifest(manifest, where = 'manifest.json', Err = Error) {
+export function checkManifest(manifest, where = 'manifest.json', Err = Error, { frozen: trainsFrozen = false } = {}) {
   if (!isObject(manifest)) throw new Err(`${where}: not a ${MANIFEST_FORMAT} manifest (its JSON is a ${kindOf(manifest)}, not an object)`);
   if (manifest.format !== MANIFEST_FORMAT) throw new Err(`${where}: not a ${MANIFEST_FORMAT} manifest (format=${show(manifest.format)})`);
   const version = manifest.format_version;
   if (RETIRED_VERSIONS.has(version)) {
     throw new Err(`${where}: format_version ${version} is retired: ${RETIRED_VERSIONS.get(version)}; rebuild the artifacts (python -m graphgen build, or make artifacts)`);
   }
-  if (version === FROZEN_MANIFEST_VERSION || own(manifest, 'frozen')) {
-    // A host that trained it would update the base weights or miss their inputs: it is refused whole.
-    throw new Err(`${where}: format_version ${show(version)} is a LoRA folder (frozen base weights); this host does not train frozen inputs: use python -m runtimes train --runtime ort`);
+  const isFrozen = version === FROZEN_MANIFEST_VERSION || own(manifest, 'frozen');
+  if (isFrozen && !trainsFrozen) {
+    // A trainer that ran it would update the base weights or miss their inputs: it is refused whole.
+    throw new Err(`${where}: format_version ${show(version)} is a LoRA folder (frozen base weights); this trainer does not train frozen inputs: use python -m runtimes train --runtime ort`);
   }
-  if (!MANIFEST_VERSIONS.includes(version)) {
+  if (isFrozen && (version !== FROZEN_MANIFEST_VERSION || !own(manifest, 'frozen'))) {
+    throw new Err(`${where}: format_version ${show(version)} ${own(manifest, 'frozen') ? 'with' : 'without'} frozen inputs: a LoRA folder is format_version ${FROZEN_MANIFEST_VERSION} with a "frozen" entry; rebuild the artifacts`);
+  }
+  if (!isFrozen && !MANIFEST_VERSIONS.includes(version)) {
     throw new Err(`${where}: format_version ${show(version)} is not one this host reads (${MANIFEST_VERSIONS.join(', ')}); rebuild the artifacts`);
   }
   const bad = (what) => {
@@ -69,16 +73,31 @@ export function checkManifest(manifest, where = 'manifest.json', Err = Error) {
     bad(`hp is ${show(hp.dtype)}[${show(hp.length)}] ${show(hp.layout)}, this host feeds float32[${HP_LAYOUT.length}] ${show(HP_LAYOUT)}`);
   }
   const names = new Set();
-  manifest.parameters.forEach((p, i) => {
+  const checkParams = (list, key) => list.forEach((p, i) => {
     if (!isObject(p) || typeof p.name !== 'string' || p.name === '' || !Array.isArray(p.shape)
         || !p.shape.every((d) => Number.isInteger(d) && d >= 1) || p.dtype !== 'float32') {
-      bad(`parameters[${i}] = ${show(p)} is not {name, shape: [positive integers], dtype: "float32"}`);
+      bad(`${key}[${i}] = ${show(p)} is not {name, shape: [positive integers], dtype: "float32"}`);
     }
     if (names.has(p.name)) bad(`parameter ${show(p.name)} is listed twice`);
     names.add(p.name);
   });
+  checkParams(manifest.parameters, 'parameters');
   if (names.size === 0) bad('lists no parameters');
-  const shapes = new Map(manifest.parameters.map((p) => [p.name, p.shape]));
+  let frozenParams = [];
+  if (isFrozen) {
+    // the base weights: read every step, never updated, in their own verified file
+    const fz = manifest.frozen;
+    if (!isObject(fz) || fz.file !== 'base.safetensors' || typeof fz.sha256 !== 'string' || !/^[0-9a-f]{64}$/.test(fz.sha256)
+        || !Array.isArray(fz.parameters) || fz.parameters.length === 0) {
+      bad(`frozen = ${show(fz)} is not {file: "base.safetensors", sha256, parameters: [...]}`);
+    }
+    if (!isObject(manifest.files[fz.file]) || manifest.files[fz.file].sha256 !== fz.sha256) {
+      bad(`frozen.sha256 is not files[${show(fz.file)}]'s`);
+    }
+    checkParams(fz.parameters, 'frozen.parameters');
+    frozenParams = fz.parameters;
+  }
+  const shapes = new Map([...manifest.parameters, ...frozenParams].map((p) => [p.name, p.shape]));
   for (const [name, keys] of [['wte', ['vocab', 'd_model']], ['wpe', ['context', 'd_model']]]) {
     const got = shapes.get(name);
     if (got && (got.length !== keys.length || got.some((d, i) => d !== cfg[keys[i]]))) {

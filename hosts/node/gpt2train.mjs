@@ -217,7 +217,7 @@ export function sha256File(file) {
  * Their verified bytes are kept for the caller: art.take(name) hands them over once, so the
  * sessions run exactly what was checked.
  */
-export function loadArtifacts(folder, needs = []) {
+export function loadArtifacts(folder, needs = [], { frozen = false } = {}) {
   if (!existsSync(folder) || !statSync(folder).isDirectory()) {
     throw new ArtifactError(`artifact folder ${folder} does not exist (build it with: python -m graphgen build --out ${folder})`);
   }
@@ -231,7 +231,7 @@ export function loadArtifacts(folder, needs = []) {
   } catch (e) {
     throw new ArtifactError(`${mpath} is not valid JSON: ${e.message}`);
   }
-  checkManifest(manifest, mpath, ArtifactError);
+  checkManifest(manifest, mpath, ArtifactError, { frozen });
   const tokenizer = tokenizerEntry(manifest, mpath, ArtifactError); // a kind this host cannot tokenize is refused here
   const verified = new Map(needs.map((name) => [name, verifiedFile(folder, manifest, name)]));
   const params = manifest.parameters.map((p) => ({ name: p.name, shape: p.shape.slice(), dtype: p.dtype }));
@@ -240,6 +240,8 @@ export function loadArtifacts(folder, needs = []) {
     manifest,
     config: manifest.config,
     params,
+    /** A LoRA folder's base weights (inputs read, never updated); [] elsewhere. */
+    frozen: (manifest.frozen?.parameters ?? []).map((p) => ({ name: p.name, shape: p.shape.slice(), dtype: p.dtype })),
     shapes: Object.fromEntries(params.map((p) => [p.name, p.shape])),
     /** The manifest's tokenizer entry (hosts/common/tokenizer.mjs tokenizerEntry; loadTokenizer opens it). */
     tokenizer,
@@ -288,6 +290,14 @@ export function loadTokenizer(art) {
   if (entry.kind === 'bytes') return makeTokenizer(entry, {}, ArtifactError);
   const json = art.take(TOKENIZER_FILE) ?? verifiedFile(art.folder, art.manifest, TOKENIZER_FILE);
   return makeTokenizer(entry, { json, Tokenizer, where: art.file(TOKENIZER_FILE) }, ArtifactError);
+}
+
+/** A LoRA folder's base.safetensors, verified against the manifest: {name: Float32Array} of its frozen inputs. */
+function loadFrozen(art) {
+  if (art.frozen.length === 0) return {};
+  const file = art.manifest.frozen.file;
+  const { tensors } = parseSafetensors(verifiedFile(art.folder, art.manifest, file), art.file(file), ArtifactError);
+  return weightsFor(art.frozen, tensors, art.file(file), ArtifactError);
 }
 
 /** weights.safetensors (or `file`) checked against the manifest: every parameter, float32, the
@@ -419,8 +429,10 @@ export class PortableTrainer {
 
   /** @param {string} folder artifact folder; opts.threads: intra-op threads; opts.weights: a safetensors file to start from */
   static async create(folder, opts = {}) {
-    const art = loadArtifacts(folder, PortableTrainer.NEEDS);
+    // frozen inputs (a LoRA folder's base) are fed at every step and never replaced
+    const art = loadArtifacts(folder, PortableTrainer.NEEDS, { frozen: true });
     const weights = loadWeights(art, opts.weights);
+    const base = loadFrozen(art);
     const ort = await onnxruntimeNode();
     const so = {
       graphOptimizationLevel: 'all',
@@ -431,10 +443,10 @@ export class PortableTrainer {
     if (opts.threads) so.intraOpNumThreads = opts.threads;
     // From the verified bytes, not the path: the session runs what loadArtifacts checked.
     const session = await ort.InferenceSession.create(art.take('train_step.onnx'), so);
-    return new PortableTrainer(art, ort, session, weights);
+    return new PortableTrainer(art, ort, session, weights, base);
   }
 
-  constructor(art, ort, session, weights) {
+  constructor(art, ort, session, weights, base = {}) {
     this.art = art;
     this.ort = ort;
     this.session = session;
@@ -443,12 +455,13 @@ export class PortableTrainer {
     if (!io) throw new ArtifactError(`${art.folder}: manifest.json describes no model train_step.onnx`);
     this.inputNames = io.inputs.map((i) => i.name);
     this.outputNames = io.outputs.map((o) => o.name);
-    const expectIn = trainStepInputs(art.params);
+    const expectIn = [...art.frozen.map((p) => p.name), ...trainStepInputs(art.params)];
     const expectOut = trainStepOutputs(art.params);
     for (const [what, want, have, sess] of [['inputs', expectIn, this.inputNames, session.inputNames], ['outputs', expectOut, this.outputNames, session.outputNames]]) {
       const missing = want.filter((n) => !have.includes(n) || !sess.includes(n));
       if (missing.length) throw new ArtifactError(`train_step.onnx ${what} lack ${missing.slice(0, 5).join(', ')} (manifest and model disagree with the train_step contract)`);
     }
+    this.frozen = Object.fromEntries(art.frozen.map(({ name, shape }) => [name, new ort.Tensor('float32', base[name], shape)]));
     // state: every input a step reads back, and the output that replaces it after the step
     this.state = {};
     this.updates = [];
@@ -481,7 +494,7 @@ export class PortableTrainer {
     hp = checkHp(hp, this.stepCount + 1);
     clip = checkClip(clip, InputError);
     const T = this.ort.Tensor;
-    const feeds = { ...this.state, ...batchFeeds(T, b) };
+    const feeds = { ...this.frozen, ...this.state, ...batchFeeds(T, b) };
     feeds[HP_INPUT] = new T('float32', hp, [hp.length]);
     feeds[CLIP_INPUT] = new T('float32', Float32Array.of(clip), []);
     const out = await this.session.run(feeds);

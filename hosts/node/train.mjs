@@ -115,7 +115,9 @@ async function main(argv) {
   if (o.trainingSet && o.threads !== undefined) throw new InputError('--threads applies to onnxruntime-node; the --training-set (onnxruntime-web) path runs one thread');
   if (!o.batches && o.steps === undefined) throw new InputError('--steps N is required (unless --batches, which runs every batch in the file)');
 
-  const art = loadArtifacts(o.artifacts); // cheap checks first; the trainer verifies the files it opens
+  // cheap checks first; the trainer verifies the files it opens. Frozen inputs (a LoRA folder)
+  // are for the train_step.onnx trainer only: the training-set path refuses them here.
+  const art = loadArtifacts(o.artifacts, [], { frozen: !o.trainingSet });
   // No default output file: a default name in the working folder would replace whatever has it.
   const out = o.out === undefined ? undefined : checkOutputPath(o.out, o.artifacts);
   const cfg = art.config;

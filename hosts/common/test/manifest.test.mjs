@@ -57,3 +57,32 @@ test('weightsFor: every parameter, F32, of the manifest shape', () => {
   assert.throws(() => weightsFor(params, { a: tensors.a }, 'w.st'), /w\.st: missing parameters b/);
   assert.throws(() => weightsFor(params, { ...tensors, b: { ...tensors.b, shape: [1] } }, 'w.st'), /parameter b is F32\[1\], manifest says F32\[1,1\]/);
 });
+
+/** manifest_base.json turned into a LoRA folder's manifest: its weights frozen, one adapter trained. */
+function loraManifest() {
+  const m = structuredClone(base);
+  const sha = 'a'.repeat(64);
+  m.format_version = CONSTANTS.frozen_format_version;
+  m.frozen = { file: 'base.safetensors', sha256: sha, parameters: m.parameters };
+  m.files['base.safetensors'] = { sha256: sha, bytes: 1 };
+  m.parameters = [{ name: 'h0.c_attn.lora_A', shape: [2, m.config.d_model], dtype: 'float32' }];
+  return m;
+}
+
+test('a LoRA manifest: refused unless the trainer feeds frozen inputs, then its frozen entry is checked', () => {
+  const m = loraManifest();
+  assert.throws(() => checkManifest(m, 'manifest.json', ManifestError), /is a LoRA folder .*does not train frozen inputs/);
+  assert.equal(checkManifest(m, 'manifest.json', ManifestError, { frozen: true }), m);
+  const bad = (edit, message) => {
+    const x = loraManifest();
+    edit(x);
+    assert.throws(() => checkManifest(x, 'manifest.json', ManifestError, { frozen: true }), message);
+  };
+  bad((x) => { x.format_version = 3; }, /format_version 3 with frozen inputs/);
+  bad((x) => { x.frozen.file = '../base.safetensors'; }, /frozen = .* is not \{file: "base.safetensors"/);
+  bad((x) => { x.frozen.sha256 = 'b'.repeat(64); }, /frozen.sha256 is not files\["base.safetensors"\]'s/);
+  bad((x) => { x.frozen.parameters[0].dtype = 'float16'; }, /frozen.parameters\[0\] = .* is not \{name, shape/);
+  bad((x) => { x.parameters[0].name = 'wte'; }, /parameter "wte" is listed twice/);
+  bad((x) => { x.frozen.parameters[0].shape = [7, x.config.d_model]; }, /parameter wte has shape \[7,/);
+  bad((x) => { delete x.frozen; }, /format_version 4 without frozen inputs/);
+});
