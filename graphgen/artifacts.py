@@ -136,13 +136,17 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
         recompute = recompute_attention_pass if recompute_attention else (lambda m: m)
         frozen = tuple(base)
         loss_graph = build_forward_loss(cfg, lora=lora)
-        _save(recompute(build_train_step(loss_graph, list(weights), frozen=frozen)), tmp / "train_step.onnx")
+        train_step = recompute(build_train_step(loss_graph, list(weights), frozen=frozen))
+        _save(train_step, tmp / "train_step.onnx")
         log(f"train_step.onnx ({time.perf_counter() - t0:.1f}s)")
 
         _save(recompute(build_grad_step(loss_graph, list(weights), frozen=frozen)), tmp / "grad_step.onnx")
-        _save(build_apply_step(loss_graph, list(weights), frozen=frozen), tmp / "apply_step.onnx")
+        apply_step = build_apply_step(loss_graph, list(weights), frozen=frozen)
+        _save(apply_step, tmp / "apply_step.onnx")
         log(f"grad_step.onnx, apply_step.onnx ({time.perf_counter() - t0:.1f}s)")
-        del loss_graph
+        # checked on the graphs just written, before they are dropped
+        in_place = all(parameters_updatable_in_place(m, list(weights), new_name) for m in (train_step, apply_step))
+        del loss_graph, train_step, apply_step
 
         if training_set_available():
             write_training_set(build_forward_loss(cfg, gelu="expanded", lora=lora), weights, cfg, tmp, frozen=base)
@@ -156,8 +160,6 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
             log("eval_model.onnx; ONNX Runtime training set skipped: onnxruntime-training is not installed "
                 "here (pip install '.[training]'), so the ort-training runtime cannot use this folder")
 
-        in_place = all(parameters_updatable_in_place(onnx.load(str(tmp / f)), list(weights), new_name)
-                       for f in ("train_step.onnx", "apply_step.onnx"))
         manifest = _manifest(cfg, tmp, source, tokenizer, training_files, in_place,
                              ["attention"] if recompute_attention else [], lora)
         with open(tmp / "manifest.json", "w") as f:

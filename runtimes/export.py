@@ -48,6 +48,7 @@ artifact folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -163,14 +164,36 @@ def _prepare(out, flag: str, folder_kind, force: bool, checkpoint, artifacts, we
     return out, art, params, origin, tok, end
 
 
+
+@contextlib.contextmanager
+def _export_folder(out: Path, kind):
+    """A temporary sibling of ``out`` to write an export into (``_seal`` swaps it in). An
+    OSError becomes an OutputError saying ``out`` is as it was; the sibling never stays."""
+    tmp = make_temp_sibling(out, kind)
+    try:
+        yield tmp
+    except OSError as e:
+        raise OutputError(f"could not write the export {out}: {e.strerror or e}; {out} is as it was") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _seal(tmp: Path, out: Path, kind, force: bool, **marker) -> None:
+    """Write the export marker ({format, **marker}), make every file world-readable, swap ``tmp`` in."""
+    (tmp / HF_EXPORT_MARKER).write_text(json.dumps({"format": HF_EXPORT_FORMAT, **marker}, indent=1) + "\n")
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            f.chmod(0o644)
+    swap_in(tmp, out, kind, force)
+
+
 def export_hf(out: str | Path, checkpoint=None, artifacts=None, weights=None, force: bool = False,
               log=print) -> dict:
     """Write the Hugging Face folder ``out``; returns {file name: sha256} of what was written."""
     out, art, params, origin, tok, end = _prepare(out, "--hf", EXPORT_FOLDER, force, checkpoint, artifacts, weights)
     from safetensors.numpy import save_file
 
-    tmp = make_temp_sibling(out, EXPORT_FOLDER)
-    try:
+    with _export_folder(out, EXPORT_FOLDER) as tmp:
         save_file(to_hf(params, art.config), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(art.config, end, end), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(
@@ -178,15 +201,7 @@ def export_hf(out: str | Path, checkpoint=None, artifacts=None, weights=None, fo
         if tok.kind != "bytes":
             shutil.copyfile(tok.path, tmp / "tokenizer.json")
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-        marker = {"format": HF_EXPORT_FORMAT, "files": files, "from": origin}
-        (tmp / HF_EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        for p in tmp.iterdir():
-            p.chmod(0o644)
-        swap_in(tmp, out, EXPORT_FOLDER, force)
-    except OSError as e:
-        raise OutputError(f"could not write the export {out}: {e.strerror or e}; {out} is as it was") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _seal(tmp, out, EXPORT_FOLDER, force, files=files, **{"from": origin})
     log(f"wrote {out}: {', '.join(sorted(files))} ({sum(p.size for p in params.values()):,} parameters"
         + (f", from step {origin['step']})" if "step" in origin else ")"))
     if tok.kind == "bytes":
@@ -272,8 +287,7 @@ def export_onnx(out: str | Path, checkpoint=None, artifacts=None, weights=None, 
     out, art, params, origin, tok, end = _prepare(out, "--onnx", ONNX_EXPORT_FOLDER, force, checkpoint, artifacts,
                                                   weights)
     model = transformersjs_model(art, params)
-    tmp = make_temp_sibling(out, ONNX_EXPORT_FOLDER)
-    try:
+    with _export_folder(out, ONNX_EXPORT_FOLDER) as tmp:
         config = hf_config(art.config, end, end)
         config["use_cache"] = True
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -289,16 +303,7 @@ def export_onnx(out: str | Path, checkpoint=None, artifacts=None, weights=None, 
         onnx.save(model, str(tmp / TJS_MODEL))
         files: dict = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         files["onnx"] = {p.name: sha256_file(p) for p in sorted((tmp / "onnx").iterdir())}
-        marker = {"format": HF_EXPORT_FORMAT, "files": files, "from": origin}
-        (tmp / HF_EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                p.chmod(0o644)
-        swap_in(tmp, out, ONNX_EXPORT_FOLDER, force)
-    except OSError as e:
-        raise OutputError(f"could not write the export {out}: {e.strerror or e}; {out} is as it was") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _seal(tmp, out, ONNX_EXPORT_FOLDER, force, files=files, **{"from": origin})
     log(f"wrote {out}: {', '.join(sorted(n for n in files if n != 'onnx'))}, {TJS_MODEL} "
         f"({sum(p.size for p in params.values()):,} parameters"
         + (f", from step {origin['step']})" if "step" in origin else ")"))
@@ -323,23 +328,14 @@ def export_peft(out: str | Path, checkpoint=None, artifacts=None, weights=None, 
         raise InputError(f"--peft: {art.folder} is not a LoRA folder (it trains every weight; build one with "
                          f"--lora-rank); export it with --hf instead")
     source = art.manifest.get("source") or {}
-    tmp = make_temp_sibling(out, PEFT_EXPORT_FOLDER)
-    try:
+    with _export_folder(out, PEFT_EXPORT_FOLDER) as tmp:
         save_file(to_peft(params, art.config, art.lora), str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         config = peft_config(art.lora, source.get("path") if isinstance(source.get("path"), str) else None)
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-        marker = {"format": HF_EXPORT_FORMAT, "files": files, "from": origin,
-                  "base": {"file": str(art.path(BASE_FILE).resolve()), "sha256": art.manifest["frozen"]["sha256"]}}
-        (tmp / HF_EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        for p in tmp.iterdir():
-            p.chmod(0o644)
-        swap_in(tmp, out, PEFT_EXPORT_FOLDER, force)
-    except OSError as e:
-        raise OutputError(f"could not write the export {out}: {e.strerror or e}; {out} is as it was") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _seal(tmp, out, PEFT_EXPORT_FOLDER, force, files=files, **{"from": origin},
+              base={"file": str(art.path(BASE_FILE).resolve()), "sha256": art.manifest["frozen"]["sha256"]})
     log(f"wrote {out}: {', '.join(sorted(files))} ({sum(p.size for p in params.values()):,} adapter parameters, "
         f"rank {art.lora['rank']} on {','.join(art.lora['targets'])}"
         + (f", from step {origin['step']})" if "step" in origin else ")"))
