@@ -180,7 +180,7 @@ def test_small_with_two_threads(name, small_lora):
     compare_adapters(f"{name} LoRA adapters after 20 steps on small, 2 threads", rt.parameters(), o.parameters())
 
 
-# --- hosts that do not train frozen inputs refuse a LoRA folder ----------------------------
+# --- the JavaScript hosts (the page's LoRA tests: tests/test_web_host.py) -----------------
 
 def test_node_host_trains_a_lora_folder_like_python(node_host, tiny_lora, tmp_path):
     """hosts/node feeds the frozen base at every step and trains only the adapters: its losses
@@ -209,15 +209,6 @@ def test_node_host_trains_a_lora_folder_like_python(node_host, tiny_lora, tmp_pa
     r = run_node("--artifacts", tiny_lora, *SMALL, "--out", tmp_path / "w.safetensors", "--training-set")
     expect_refusal(r, "format_version 4", "LoRA folder", "--runtime ort")
     assert r.stdout == "" and not (tmp_path / "w.safetensors").exists()
-
-
-def test_page_refuses_a_lora_folder(tiny_lora):
-    from tests.test_host_reliability import LIB, PAGE_MANIFEST_SCRIPT, run_script
-
-    r = run_script(PAGE_MANIFEST_SCRIPT, LIB, tiny_lora / "manifest.json")
-    assert r.returncode == 0, r.stderr
-    msg = json.loads(r.stdout)[0]
-    assert msg.startswith("Error: ") and "format_version 4 is a LoRA folder" in msg, msg
 
 
 def test_recompute_attention_on_a_lora_folder_is_bit_identical(tiny_lora, tmp_path):

@@ -1,5 +1,6 @@
 """The browser host (hosts/web): train_step.onnx trained in headless Chromium with
-onnxruntime-web must reproduce the Python `ort` runtime's losses on the same batches.
+onnxruntime-web must reproduce the Python `ort` runtime's losses on the same batches, on full
+folders and on LoRA folders (the frozen base fed at every step, the adapters trained).
 
 Needs Node (>= 20, with npm) and Debian's /usr/bin/chromium (scripts/install_debian.sh;
 `make test` installs it). Skipped, with the reason, only where /usr/bin/chromium is absent.
@@ -84,14 +85,14 @@ def _npm_ci() -> None:
     STAMP.touch()
 
 
-def _write_batches_json(path: Path, batches) -> None:
+def _write_batches_json(path: Path, batches, hp: dict = HP) -> None:
     stack = lambda i: np.stack([b[i] for b in batches]).astype(np.int64)  # noqa: E731
     tokens, positions, labels = stack(0), stack(1), stack(2)
     path.write_text(json.dumps({
         "format": "gpt2-onnx-batches",
         "version": 1,
         "shape": list(tokens.shape),
-        "hp": HP,
+        "hp": hp,
         "tokens": tokens.ravel().tolist(),
         "positions": positions.ravel().tolist(),
         "labels": labels.ravel().tolist(),
@@ -224,14 +225,14 @@ def web_runs(web_tooling, tiny_index, tiny_dense, tiny_hf, tmp_path_factory):
     return runs
 
 
-def _python_run(folder: Path, batches, lr: float, dense: bool = False, clip: float = 0.0):
+def _python_run(folder: Path, batches, lr: float, dense: bool = False, clip: float = 0.0, hp: dict = HP):
     """(losses, runtime after the updates): the Python `ort` runtime on the same batches;
     ``rt.norms`` holds each step's gradient norm."""
     rt = runtimes.load(folder, runtime="ort")
     out, rt.norms = [], []
     for i, (t, p, l) in enumerate(batches):
         labels = dense_labels(l, rt.art.config["vocab"]) if dense else l
-        out.append(rt.step(t, p, labels, runtimes.make_hp(**{**HP, "lr": lr}, step=i + 1), clip))
+        out.append(rt.step(t, p, labels, runtimes.make_hp(**{**hp, "lr": lr}, step=i + 1), clip))
         rt.norms.append(rt.last_grad_norm)
     return out, rt
 
@@ -413,6 +414,161 @@ def test_web_screenshot_is_png(web_runs):
     assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n", f"{SCREENSHOT} is not a PNG"
 
 
+# --- LoRA folders --------------------------------------------------------------------------
+# A LoRA folder (format_version 4): the page fetches base.safetensors, checks its size and sha256
+# against the manifest as it checks every file, feeds its tensors at every step and trains only
+# the adapters (the manifest's parameters), which Export writes in weights.safetensors' layout.
+LORA_STEPS, LORA_BATCH, LORA_SEQ, LORA_GEN = 10, 2, 32, 12
+# eps 1e-6 as tests/test_lora.py trains: with 1e-8, an adapter element whose first gradient is at
+# rounding level takes an AdamW step set by the last bits of that gradient.
+LORA_HP = {**HP, "lr": 1e-2, "eps": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tmp_path_factory) -> Path:
+    """tiny as a LoRA folder: rank 4 on every target (8,192 of 128,768 parameters trained)."""
+    from tests.test_lora import EPS, build_lora
+
+    return build_lora(tmp_path_factory.mktemp("web-lora") / "tiny-lora", eps=EPS)
+
+
+def lora_batches():
+    return fixed_batches(encode((WEB / "corpus.txt").read_bytes()), LORA_BATCH, LORA_SEQ, LORA_STEPS, seed=2)
+
+
+@pytest.fixture(scope="module")
+def lora_runs(web_tooling, tiny_lora, tmp_path_factory):
+    """The page on LoRA folders, in one Chromium session; returns {name: result}.
+
+    lora:      tiny_lora on LORA_STEPS Python batches (JSON), a greedy sample, then Export (the
+               download is saved at result["exportPath"])
+    tampered:  a copy whose base.safetensors has one byte changed: its sha256 is not the manifest's
+    nobase:    a copy without base.safetensors
+    otherbase: a copy whose base.safetensors is another file (the adapters' weights.safetensors)
+               that the manifest's size and sha256 describe: it holds none of the frozen inputs
+    """
+    root = tmp_path_factory.mktemp("web-lora-root")
+    arts, data = root / "artifacts", root / "data"
+    arts.mkdir()
+    data.mkdir()
+    (arts / "lora").symlink_to(tiny_lora, target_is_directory=True)
+    # copies, not links: serve.mjs answers 404 for a link that leads out of its folder
+    for name in ("tampered", "nobase", "otherbase"):
+        shutil.copytree(tiny_lora, arts / name)
+    raw = bytearray((arts / "tampered" / "base.safetensors").read_bytes())
+    raw[-5] ^= 0x01  # a low mantissa bit of the last base weight: still a valid file, different hash
+    (arts / "tampered" / "base.safetensors").write_bytes(bytes(raw))
+    (arts / "nobase" / "base.safetensors").unlink()
+    other = arts / "otherbase"
+    shutil.copyfile(other / "weights.safetensors", other / "base.safetensors")
+    m = json.loads((other / "manifest.json").read_text())
+    entry = {"sha256": hashlib.sha256((other / "base.safetensors").read_bytes()).hexdigest(),
+             "bytes": (other / "base.safetensors").stat().st_size}
+    m["files"]["base.safetensors"] = entry
+    m["frozen"]["sha256"] = entry["sha256"]
+    (other / "manifest.json").write_text(json.dumps(m))
+    _write_batches_json(data / "lora.json", lora_batches(), LORA_HP)
+
+    pages = {
+        "lora": f"?artifacts=/artifacts/lora&batches=/data/lora.json&gen={LORA_GEN}&temperature=0",
+        **{name: f"?artifacts=/artifacts/{name}&batches=/data/lora.json" for name in ("tampered", "nobase", "otherbase")},
+    }
+    exported = root / "adapters.safetensors"
+    server = Server(web_tooling, arts, data)
+    try:
+        cmd = [web_tooling, str(WEB / "drive.mjs"), "--timeout", "120"]
+        for name, query in pages.items():
+            cmd += ["--url", server.url + query] + (["--export", str(exported)] if name == "lora" else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finally:
+        server.close()
+    # 1: some page reported an error (three of them must)
+    assert proc.returncode in (0, 1), f"drive.mjs failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(pages), f"expected {len(pages)} results, got:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    runs = {name: json.loads(line) for name, line in zip(pages, lines)}
+    runs["lora"]["exportPath"] = str(exported)
+    return runs
+
+
+def test_web_trains_a_lora_folder_like_python(lora_runs, tiny_lora):
+    """The page feeds the frozen base with the adapters at every step: its losses are the Python
+    `ort` runtime's (which binds the same base once and never writes it) within 1e-4, its greedy
+    sample after training is forward.onnx's on the base and the trained adapters, the info line
+    says what it trains as `runtimes train` does, and base.safetensors is as it was built."""
+    from contract.files import sha256_file
+
+    result = lora_runs["lora"]
+    py, rt = _python_run(tiny_lora, lora_batches(), LORA_HP["lr"], hp=LORA_HP)
+    _compare(f"LoRA folder (tiny, rank 4, {LORA_STEPS} JSON batches)", result, py)
+    assert py[-1] < py[0] - 0.05  # the adapters do train
+    trained, total = rt.art.param_counts
+    assert f"{trained:,} of {total:,} parameters trained" in result["info"], result["info"]
+    assert (trained, total) == (8192, 128768)
+    _check_sample(result, rt, LORA_GEN, 0)
+    assert result["backend"].startswith("wasm")
+    assert sha256_file(tiny_lora / "base.safetensors") == rt.art.manifest["frozen"]["sha256"]
+
+
+def test_web_lora_export_is_the_trained_adapters(lora_runs, tiny_lora, tmp_path):
+    """A LoRA folder's Export is its adapters alone, in weights.safetensors' layout, equal to the
+    Python `ort` runtime's after the same batches; `runtimes export --weights ... --artifacts
+    FOLDER --hf` reads it back as that folder's adapters and merges them into its base, giving the
+    model the Python run's adapters give."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from contract import HF_EXPORT_MARKER
+    from runtimes.export import export_hf
+
+    result = lora_runs["lora"]
+    assert result["error"] is None, result["error"]
+    assert result["exportName"] == "weights.safetensors"
+    assert result["status"].startswith(f"exported the adapters as weights.safetensors (step {LORA_STEPS})"), result["status"]
+    with safe_open(result["exportPath"], framework="numpy") as f:
+        meta = f.metadata()
+        web = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["step"] == str(LORA_STEPS) and meta["host"] == "web", meta
+    _, rt = _python_run(tiny_lora, lora_batches(), LORA_HP["lr"], hp=LORA_HP)
+    py, initial = rt.parameters(), rt.art.initial_weights()
+    assert sorted(web) == sorted(py) == sorted(rt.art.param_names)  # the adapters, none of the base
+    assert {n: list(w.shape) for n, w in web.items()} == {n: list(w.shape) for n, w in py.items()}
+    assert all(w.dtype == np.float32 for w in web.values())
+    rels = {n: float(np.abs(web[n] - w).max() / float(np.abs(w).max())) for n, w in py.items()}
+    print(f"\nLoRA export vs python ort, largest relative max diff per tensor: {max(rels.values()):.3g}")
+    assert max(rels.values()) <= LOSS_TOL, {n: r for n, r in rels.items() if r > LOSS_TOL}
+    assert all(np.any(web[n] != initial[n]) for n in web if n.endswith("lora_B"))  # B starts at 0: trained
+
+    rt.export_weights(tmp_path / "py.safetensors")
+    for who, weights in (("web", result["exportPath"]), ("py", tmp_path / "py.safetensors")):
+        export_hf(tmp_path / who, artifacts=tiny_lora, weights=str(weights), log=lambda m: None)
+    origin = json.loads((tmp_path / "web" / HF_EXPORT_MARKER).read_text())["from"]
+    assert origin["merged_lora"]["rank"] == 4, origin
+    merged_web, merged_py = (load_file(str(tmp_path / who / "model.safetensors")) for who in ("web", "py"))
+    assert sorted(merged_web) == sorted(merged_py)
+    for n, w in merged_py.items():
+        np.testing.assert_allclose(merged_web[n], w, rtol=0, atol=LOSS_TOL * float(np.abs(w).max()), err_msg=n)
+    export_hf(tmp_path / "base", artifacts=tiny_lora, log=lambda m: None)  # the initial adapters: B = 0, the base
+    merged_base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    assert any(not np.array_equal(merged_web[n], merged_base[n]) for n in merged_base)  # the adapters are in it
+
+
+def test_web_refuses_a_lora_folder_with_a_bad_base(lora_runs):
+    """base.safetensors altered, missing, or another file the manifest was edited to describe:
+    one line naming the file on the page's status, nothing trained, no sample."""
+    expected = {
+        "tampered": ("base.safetensors: sha256 ", "does not match the manifest's"),
+        "nobase": ("GET /artifacts/nobase/base.safetensors: HTTP 404",),
+        "otherbase": ("base.safetensors: missing parameters wte, wpe",),
+    }
+    for name, needles in expected.items():
+        r = lora_runs[name]
+        assert r["log"] == [] and r["sample"] is None and r["exportName"] is None, (name, r)
+        error = r["error"] or ""
+        assert all(n in error for n in needles) and "\n" not in error, (name, error)
+        assert r["status"] == f"error: {error}", (name, r["status"])
+
+
 # --- WebGPU ------------------------------------------------------------------------------
 # Headless Chromium on this machine has no GPU, but Chromium carries SwiftShader, a software
 # Vulkan device, and offers it as a WebGPU adapter with --enable-unsafe-webgpu
@@ -423,31 +579,35 @@ WEBGPU_LOSS_TOL = 1e-4  # the wasm tolerance; SwiftShader gives 1e-7
 
 
 @pytest.fixture(scope="module")
-def webgpu_runs(web_tooling, tiny_index, tmp_path_factory):
+def webgpu_runs(web_tooling, tiny_index, tiny_lora, tmp_path_factory):
     """tiny trained on the WebGPU provider: 20 Python batches (losses), then one step with
-    ?placements=1 (which ops onnxruntime-web leaves to wasm)."""
+    ?placements=1 (which ops onnxruntime-web leaves to wasm), then the LoRA folder on its batches
+    (the frozen base fed from wasm memory to the WebGPU session at every step)."""
     root = tmp_path_factory.mktemp("webgpu-root")
     arts, data = root / "artifacts", root / "data"
     arts.mkdir()
     data.mkdir()
     (arts / "tiny").symlink_to(tiny_index, target_is_directory=True)
+    (arts / "lora").symlink_to(tiny_lora, target_is_directory=True)
     batches = fixed_batches(encode((WEB / "corpus.txt").read_bytes()), BATCH, SEQ, N_STEPS, seed=0)
     _write_batches_json(data / "batches.json", batches)
+    _write_batches_json(data / "lora.json", lora_batches(), LORA_HP)
     server = Server(web_tooling, arts, data)
     try:
         cmd = [web_tooling, str(WEB / "drive.mjs"), "--webgpu", "--timeout", "90",
                "--url", server.url + "?ep=webgpu&batches=/data/batches.json&gen=0",
-               "--url", server.url + "?ep=webgpu&placements=1&steps=1&batch=1&seq=16&gen=0"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200)
+               "--url", server.url + "?ep=webgpu&placements=1&steps=1&batch=1&seq=16&gen=0",
+               "--url", server.url + "?ep=webgpu&artifacts=/artifacts/lora&batches=/data/lora.json&gen=0"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     finally:
         server.close()
     assert proc.returncode == 0, f"drive.mjs --webgpu failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    train, placed = (json.loads(line) for line in proc.stdout.strip().splitlines())
-    return batches, train, placed
+    train, placed, lora = (json.loads(line) for line in proc.stdout.strip().splitlines())
+    return batches, train, placed, lora
 
 
 def test_webgpu_losses_match_python_ort(webgpu_runs, tiny_index):
-    batches, result, _ = webgpu_runs
+    batches, result, _, _ = webgpu_runs
     assert result["backend"] == "webgpu", result  # ?ep=webgpu: no silent fallback to wasm
     py, rt = _python_run(tiny_index, batches, HP["lr"])
     web = np.array([e["loss"] for e in result["log"]])
@@ -460,11 +620,22 @@ def test_webgpu_losses_match_python_ort(webgpu_runs, tiny_index):
     assert py[-1] < py[0]
 
 
+def test_webgpu_trains_a_lora_folder_like_python(webgpu_runs, tiny_lora):
+    _, _, _, result = webgpu_runs
+    assert result["error"] is None and result["backend"] == "webgpu", result
+    py, _ = _python_run(tiny_lora, lora_batches(), LORA_HP["lr"], hp=LORA_HP)
+    web = np.array([e["loss"] for e in result["log"]])
+    assert [e["step"] for e in result["log"]] == list(range(1, LORA_STEPS + 1))
+    rel = float(np.max(np.abs(web - py) / np.abs(py)))
+    print(f"\nWebGPU (SwiftShader) vs python ort, LoRA folder over {LORA_STEPS} steps: losses {rel:.2g} (relative)")
+    assert rel <= WEBGPU_LOSS_TOL, (web.tolist(), py)
+
+
 def test_webgpu_lists_the_ops_left_to_wasm(webgpu_runs):
     """Most of the step runs in WebGPU shaders; what onnxruntime-web 1.30 leaves to wasm is
     printed (README quotes it): the loss's LogSoftmax, the many-input Sums of gradients, and
     the int64 index arithmetic of the embeddings' backward."""
-    _, _, result = webgpu_runs
+    _, _, result, _ = webgpu_runs
     assert result["error"] is None and result["backend"] == "webgpu", result
     placed = result["placements"]
     on_gpu, on_wasm = placed.get("WebGpuExecutionProvider", {}), placed.get("CPUExecutionProvider", {})

@@ -19,7 +19,8 @@ export const CONSTANTS = deepFreeze(constants);
 export const MANIFEST_FORMAT = CONSTANTS.format;
 /** The format versions these hosts read. */
 export const MANIFEST_VERSIONS = Object.freeze([CONSTANTS.format_version]);
-/** The version of a folder with frozen inputs (LoRA), which these hosts do not train: they refuse it. */
+/** The version of a folder with frozen inputs (LoRA): trained only by a trainer that feeds them
+ *  (checkManifest's {frozen: true}), refused by the others. */
 export const FROZEN_MANIFEST_VERSION = CONSTANTS.frozen_format_version;
 /** version -> why it is refused. */
 export const RETIRED_VERSIONS = new Map(Object.entries(CONSTANTS.retired_versions).map(([k, why]) => [Number(k), why]));
@@ -54,11 +55,13 @@ export const newVName = fill(CONSTANTS.names.new_v);
 
 const namesOf = (params) => params.map((p) => (typeof p === 'string' ? p : p.name));
 
-/** The train_step input names in order: params, their m and v moments, the batch, hp, clip.
- *  `params`: the manifest's parameters ({name, ...}) or their names. */
-export function trainStepInputs(params) {
+/** The train_step input names in order: a LoRA folder's frozen inputs (first, as the builder lays
+ *  them out), params, their m and v moments, the batch, hp, clip. `params` and `frozen`: the
+ *  manifest's parameters and frozen.parameters ({name, ...}) or their names; `frozen` is empty
+ *  for a folder that trains every weight. */
+export function trainStepInputs(params, frozen = []) {
   const names = namesOf(params);
-  return [...names, ...names.map(mName), ...names.map(vName), ...BATCH_INPUTS, HP_INPUT, CLIP_INPUT];
+  return [...namesOf(frozen), ...names, ...names.map(mName), ...names.map(vName), ...BATCH_INPUTS, HP_INPUT, CLIP_INPUT];
 }
 
 /** The train_step output names in order: loss, grad_norm, then the new params, m and v. */

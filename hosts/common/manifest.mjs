@@ -8,7 +8,8 @@
 import {
   CONFIG_KEYS, CONFIG_SIZES, FROZEN_MANIFEST_VERSION, HP_LAYOUT, LABEL_MODES, MANIFEST_FORMAT, MANIFEST_VERSIONS, RETIRED_VERSIONS,
 } from './contract.mjs';
-import { isObject, kindOf, own, sameShape, show } from './util.mjs';
+import { parseSafetensors } from './safetensors.mjs';
+import { isObject, kindOf, numel, own, sameShape, show } from './util.mjs';
 
 /**
  * Whether a manifest file name could leave the artifact folder: absolute (POSIX, Windows
@@ -142,4 +143,32 @@ export function weightsFor(params, tensors, what = 'weights.safetensors', Err = 
     out[p.name] = t.data;
   }
   return out;
+}
+
+/** A checked manifest's frozen inputs (a LoRA folder's base weights: fed at every step, never
+ *  updated), [{name, shape, dtype}]; [] for a folder that trains every weight. */
+export function frozenParameters(manifest) {
+  return manifest.frozen?.parameters ?? [];
+}
+
+/** [trained, total] numbers of weights of a checked manifest: a LoRA folder trains its adapters
+ *  (parameters) and not its base (frozen.parameters), as runtimes' Artifacts.param_counts. */
+export function parameterCounts(manifest) {
+  const count = (list) => list.reduce((n, p) => n + numel(p.shape), 0);
+  const trained = count(manifest.parameters);
+  return [trained, trained + count(frozenParameters(manifest))];
+}
+
+/**
+ * A LoRA folder's base weights as session feeds: `bytes` of its base.safetensors (whose size and
+ * sha256 the caller has checked against the manifest) parsed, every frozen parameter present, F32
+ * and of its manifest shape (weightsFor), each wrapped once as a float32 `Tensor` (the host's
+ * onnxruntime Tensor class), so the same tensors are fed at every step and none is ever replaced.
+ * Returns {name: Tensor}; {} for a manifest without frozen inputs. `what` names the file in messages.
+ */
+export function frozenFeeds(Tensor, manifest, bytes, what = 'base.safetensors', Err = Error) {
+  const frozen = frozenParameters(manifest);
+  if (frozen.length === 0) return {};
+  const base = weightsFor(frozen, parseSafetensors(bytes, what, Err).tensors, what, Err);
+  return Object.fromEntries(frozen.map(({ name, shape }) => [name, new Tensor('float32', base[name], shape)]));
 }

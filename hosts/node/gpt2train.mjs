@@ -28,7 +28,7 @@ import {
   MANIFEST_VERSIONS, TRAINING_SET_FILES, mName, newMName, newName, newVName, trainStepInputs, trainStepOutputs, vName,
 } from '../common/contract.mjs';
 import { checkClip, checkHp as commonCheckHp, makeHp as commonMakeHp } from '../common/hp.mjs';
-import { checkManifest, weightsFor } from '../common/manifest.mjs';
+import { checkManifest, frozenFeeds, frozenParameters, weightsFor } from '../common/manifest.mjs';
 import { checkSelfContained } from '../common/onnx_scan.mjs';
 import { encodeSafetensors as commonEncodeSafetensors, parseSafetensors } from '../common/safetensors.mjs';
 import { byteSampler as commonByteSampler, mulberry32, randomSampler, tokenSampler as commonTokenSampler } from '../common/samplers.mjs';
@@ -241,7 +241,7 @@ export function loadArtifacts(folder, needs = [], { frozen = false } = {}) {
     config: manifest.config,
     params,
     /** A LoRA folder's base weights (inputs read, never updated); [] elsewhere. */
-    frozen: (manifest.frozen?.parameters ?? []).map((p) => ({ name: p.name, shape: p.shape.slice(), dtype: p.dtype })),
+    frozen: frozenParameters(manifest).map((p) => ({ name: p.name, shape: p.shape.slice(), dtype: p.dtype })),
     shapes: Object.fromEntries(params.map((p) => [p.name, p.shape])),
     /** The manifest's tokenizer entry (hosts/common/tokenizer.mjs tokenizerEntry; loadTokenizer opens it). */
     tokenizer,
@@ -292,12 +292,12 @@ export function loadTokenizer(art) {
   return makeTokenizer(entry, { json, Tokenizer, where: art.file(TOKENIZER_FILE) }, ArtifactError);
 }
 
-/** A LoRA folder's base.safetensors, verified against the manifest: {name: Float32Array} of its frozen inputs. */
-function loadFrozen(art) {
+/** A LoRA folder's base.safetensors, verified against the manifest, as feeds of `Tensor`s
+ *  (hosts/common frozenFeeds): {name: Tensor} of its frozen inputs; {} for a full folder. */
+function loadFrozen(art, Tensor) {
   if (art.frozen.length === 0) return {};
   const file = art.manifest.frozen.file;
-  const { tensors } = parseSafetensors(verifiedFile(art.folder, art.manifest, file), art.file(file), ArtifactError);
-  return weightsFor(art.frozen, tensors, art.file(file), ArtifactError);
+  return frozenFeeds(Tensor, art.manifest, verifiedFile(art.folder, art.manifest, file), art.file(file), ArtifactError);
 }
 
 /** weights.safetensors (or `file`) checked against the manifest: every parameter, float32, the
@@ -432,8 +432,8 @@ export class PortableTrainer {
     // frozen inputs (a LoRA folder's base) are fed at every step and never replaced
     const art = loadArtifacts(folder, PortableTrainer.NEEDS, { frozen: true });
     const weights = loadWeights(art, opts.weights);
-    const base = loadFrozen(art);
     const ort = await onnxruntimeNode();
+    const frozen = loadFrozen(art, ort.Tensor);
     const so = {
       graphOptimizationLevel: 'all',
       executionMode: 'sequential',
@@ -443,10 +443,11 @@ export class PortableTrainer {
     if (opts.threads) so.intraOpNumThreads = opts.threads;
     // From the verified bytes, not the path: the session runs what loadArtifacts checked.
     const session = await ort.InferenceSession.create(art.take('train_step.onnx'), so);
-    return new PortableTrainer(art, ort, session, weights, base);
+    return new PortableTrainer(art, ort, session, weights, frozen);
   }
 
-  constructor(art, ort, session, weights, base = {}) {
+  /** `frozen`: loadFrozen's feeds, the same tensors at every step. */
+  constructor(art, ort, session, weights, frozen = {}) {
     this.art = art;
     this.ort = ort;
     this.session = session;
@@ -455,13 +456,13 @@ export class PortableTrainer {
     if (!io) throw new ArtifactError(`${art.folder}: manifest.json describes no model train_step.onnx`);
     this.inputNames = io.inputs.map((i) => i.name);
     this.outputNames = io.outputs.map((o) => o.name);
-    const expectIn = [...art.frozen.map((p) => p.name), ...trainStepInputs(art.params)];
+    const expectIn = trainStepInputs(art.params, art.frozen);
     const expectOut = trainStepOutputs(art.params);
     for (const [what, want, have, sess] of [['inputs', expectIn, this.inputNames, session.inputNames], ['outputs', expectOut, this.outputNames, session.outputNames]]) {
       const missing = want.filter((n) => !have.includes(n) || !sess.includes(n));
       if (missing.length) throw new ArtifactError(`train_step.onnx ${what} lack ${missing.slice(0, 5).join(', ')} (manifest and model disagree with the train_step contract)`);
     }
-    this.frozen = Object.fromEntries(art.frozen.map(({ name, shape }) => [name, new ort.Tensor('float32', base[name], shape)]));
+    this.frozen = frozen;
     // state: every input a step reads back, and the output that replaces it after the step
     this.state = {};
     this.updates = [];

@@ -1,7 +1,8 @@
 // The browser host: trains GPT-2 ONNX artifacts in the tab with onnxruntime-web.
 //
 // URL parameters (all optional):
-//   artifacts=/artifacts/tiny   artifact folder (manifest.json, weights.safetensors, train_step.onnx, forward.onnx)
+//   artifacts=/artifacts/tiny   artifact folder (manifest.json, weights.safetensors, train_step.onnx, forward.onnx;
+//                               a LoRA folder's base.safetensors too: its frozen base weights, fed at every step)
 //   batches=URL                 train on exactly these batches (JSON or safetensors, see hosts/common/batches.mjs);
 //                               otherwise random windows of the bundled text (corpus=URL, default ./corpus.txt)
 //   batch=4 seq=<context> seed=0 lr=1e-3 steps=<N>   for the text mode (steps: stop after N; default: until Stop)
@@ -19,7 +20,8 @@
 //
 // For tests: window.trainLog = [{step, loss, grad_norm, ms}], window.trainDone (true once training stopped and the
 // sample is shown), window.sample = {tokens, promptLength, text}, window.trainError (message) on failure,
-// window.exportWeights() -> the bytes the Export button downloads (weights.safetensors; null before step 1).
+// window.exportWeights() -> the bytes the Export button downloads (weights.safetensors: the trained parameters,
+// which in a LoRA folder are the adapters alone; null before step 1).
 //
 // The page is served at /, this module at /hosts/web/app.mjs; the contract code shared with hosts/node is
 // imported from /hosts/common/ (serve.mjs mounts it there).
@@ -29,7 +31,7 @@ import {
   CLIP_INPUT, GRAD_NORM_OUTPUT, HP_INPUT, LOGITS_OUTPUT, LOSS_OUTPUT, mName, newMName, newName, newVName, trainStepInputs, vName,
 } from '/hosts/common/contract.mjs';
 import { checkAdamW, checkClip, makeHp } from '/hosts/common/hp.mjs';
-import { weightsFor } from '/hosts/common/manifest.mjs';
+import { frozenFeeds, weightsFor } from '/hosts/common/manifest.mjs';
 import { encodeSafetensors, parseSafetensors } from '/hosts/common/safetensors.mjs';
 import { byteSampler, mulberry32, tokenSampler } from '/hosts/common/samplers.mjs';
 import { TOKENIZER_FILE, decodeText, makeTokenizer } from '/hosts/common/tokenizer.mjs';
@@ -153,11 +155,12 @@ function sampleOptions() {
 }
 
 // ------------------------------------------------------------------ model
-/** manifest.json of the artifact folder, checked: {base, config, plist, files, tokenizer (its entry)}. */
+/** manifest.json of the artifact folder, checked: {base, json (the manifest), config, plist, frozen, frozenFile,
+ *  counts, files, tokenizer (its entry)} (lib.mjs readManifest). */
 async function loadManifest(base) {
   ui.status(`loading ${base}/manifest.json …`);
-  const { config, params: plist, files, tokenizer } = readManifest(await (await fetchOk(`${base}/manifest.json`)).json(), `${base}/manifest.json`);
-  return { base, config, plist, files, tokenizer };
+  const { params: plist, ...rest } = readManifest(await (await fetchOk(`${base}/manifest.json`)).json(), `${base}/manifest.json`);
+  return { base, plist, ...rest };
 }
 
 /** The folder's tokenizer (hosts/common/tokenizer.mjs): bytes, or its tokenizer.json, verified first. */
@@ -168,24 +171,29 @@ async function loadTokenizer({ base, files, tokenizer }) {
   return makeTokenizer(tokenizer, { json, Tokenizer, where: `${base}/${TOKENIZER_FILE}` });
 }
 
-/** The initial weights and a train_step.onnx session, both verified against the manifest:
- *  {...manifest, weights: {name: Float32Array}, rt (startOrt's), forward: null}. */
+/** The initial weights, a LoRA folder's base weights and a train_step.onnx session, all verified
+ *  against the manifest: {...manifest, weights: {name: Float32Array}, baseFeeds: {name: Tensor} (the
+ *  frozen inputs, fed at every step and never updated; {} for a full folder), rt (startOrt's),
+ *  forward: null}. */
 async function openModel(manifest) {
-  const { base, plist, files } = manifest;
-  ui.status('loading weights and train_step.onnx …');
-  const [weightBytes, stepBytes] = await Promise.all([
+  const { base, plist, frozen, frozenFile, files } = manifest;
+  ui.status(`loading weights${frozenFile ? `, ${frozenFile}` : ''} and train_step.onnx …`);
+  const [weightBytes, stepBytes, baseBytes] = await Promise.all([
     verified(base, 'weights.safetensors', files),
     verified(base, 'train_step.onnx', files),
+    frozenFile ? verified(base, frozenFile, files) : null,
   ]);
   const weights = weightsFor(plist, parseSafetensors(weightBytes, 'weights.safetensors').tensors);
   ui.status('starting onnxruntime-web …');
   const rt = await startOrt(stepBytes, params.get('ep') || 'auto');
-  const expected = trainStepInputs(plist);
+  // Built once: the same tensors go into every step and every sample.
+  const baseFeeds = frozenFeeds(rt.ort.Tensor, manifest.json, baseBytes, frozenFile);
+  const expected = trainStepInputs(plist, frozen);
   const got = rt.session.inputNames;
   if (got.join('\n') !== expected.join('\n')) {
     throw new Error(`train_step.onnx inputs [${got.slice(0, 4).join(', ')}, …] (${got.length}) differ from the manifest's order (${expected.length})`);
   }
-  return { ...manifest, weights, rt, forward: null };
+  return { ...manifest, weights, baseFeeds, rt, forward: null };
 }
 
 /**
@@ -208,7 +216,7 @@ async function generate(model, weights, { prompt, n, temperature, rand }) {
   const limit = tok.kind === 'bytes' ? V : tok.vocabSize;
   for (let i = 0; i < n; i++) {
     const ctx = tokens.slice(-C);
-    const feeds = {};
+    const feeds = { ...model.baseFeeds };
     model.plist.forEach(({ name }, k) => { feeds[name] = weights[k]; });
     feeds.tokens = new ort.Tensor('int64', BigInt64Array.from(ctx, BigInt), [1, ctx.length]);
     feeds.positions = new ort.Tensor('int64', BigInt64Array.from(ctx, (_, j) => BigInt(j)), [1, ctx.length]);
@@ -324,7 +332,7 @@ class Trainer {
     const { rt: { ort, session }, plist, config } = this.model;
     const { hp, clip } = this.data;
     const { tokens, positions, labels } = this.data.next(this.step);
-    const feeds = {};
+    const feeds = { ...this.model.baseFeeds }; // a LoRA folder's base: read, never replaced
     const pt = this.tensors(this.state.p), mt = this.tensors(this.state.m), vt = this.tensors(this.state.v);
     plist.forEach(({ name }, i) => {
       feeds[name] = pt[i];
@@ -356,7 +364,9 @@ class Trainer {
 
   /** The current parameters as safetensors bytes, laid out like the artifact folder's
    *  weights.safetensors (manifest names and shapes, F32), so `python -m runtimes export
-   *  --weights` and the other hosts read it as they read that file. */
+   *  --weights` and the other hosts read it as they read that file. In a LoRA folder these are
+   *  the adapters: the trained model is them with the folder's base.safetensors, which training
+   *  leaves as it is, and `runtimes export --weights ... --artifacts FOLDER` merges the two. */
   weightsFile() {
     const tensors = {};
     this.model.plist.forEach(({ name, shape }, i) => { tensors[name] = { data: this.state.p[i], shape }; });
@@ -486,16 +496,23 @@ function fail(err) {
   ui.button.textContent = 'Start';
 }
 
+const grouped = (n) => n.toLocaleString('en-US');
+
+/** How many weights the page trains: "0.13M parameters", or on a LoRA folder (which trains its
+ *  adapters alone) `runtimes train`'s wording, "8,192 of 128,768 parameters trained". */
+function parameterSummary({ frozen, counts: [trained, total] }) {
+  return frozen.length ? `${grouped(trained)} of ${grouped(total)} parameters trained` : `${(total / 1e6).toFixed(2)}M parameters`;
+}
+
 /** The backend and the one-line summary of model, data and hyperparameters. */
 function showSetup(model, data) {
-  const { base, config, weights, rt } = model;
+  const { base, config, rt } = model;
   const { hp, clip } = data;
-  const nParams = Object.values(weights).reduce((a, w) => a + w.length, 0);
   $('backend').textContent = `${rt.ep}${rt.ep === 'wasm' ? ` ×${rt.threads}` : ''}`;
   $('info').textContent =
     `${base}: d_model ${config.d_model}, ${config.n_layers} layers, context ${config.context}, vocab ${config.vocab}, ` +
     `tokenizer ${model.tok.kind}, ` +
-    `${(nParams / 1e6).toFixed(2)}M parameters, ${config.labels} labels · data: ${data.note} · ` +
+    `${parameterSummary(model)}, ${config.labels} labels · data: ${data.note} · ` +
     `lr ${hp.lr}, betas (${hp.beta1}, ${hp.beta2}), eps ${hp.eps}, wd ${hp.weight_decay}, ` +
     `clip ${clip > 0 && clip < Infinity ? clip : 'off'} · ` +
     `onnxruntime-web ${rt.ort.env.versions ? rt.ort.env.versions.web || rt.ort.env.versions.common : ''}, ` +
@@ -536,7 +553,9 @@ function wireButton(trainer) {
     window.trainDone = false;
     ui.button.textContent = 'Stop';
     ui.button.classList.add('stop');
-    ui.status(`training: ${data.note}`);
+    // A LoRA folder's status names the share it trains, as `runtimes train`'s progress bar does.
+    const share = model.frozen.length ? ` ${grouped(model.counts[0])}/${grouped(model.counts[1])}` : '';
+    ui.status(`training${share}: ${data.note}`);
     try {
       while (running && trainer.step < data.totalSteps) {
         const t0 = performance.now();
@@ -577,14 +596,19 @@ function wireButton(trainer) {
 }
 
 /** The Export button: the weights after the last completed step. The trainer swaps its whole
- *  state object per step, so an export during training is one consistent step's weights. */
+ *  state object per step, so an export during training is one consistent step's weights. A LoRA
+ *  folder's export is its adapters (Trainer.weightsFile), and the button and status say so. */
 function wireExport(trainer) {
+  const { frozen, frozenFile } = trainer.model;
   window.exportWeights = () => (trainer.step > 0 ? trainer.weightsFile() : null);
+  if (frozen.length) $('export').title = `download the trained adapters as weights.safetensors (the base weights stay the folder's ${frozenFile})`;
   $('export').addEventListener('click', () => {
     if (trainer.step < 1) return;
     try {
       download(trainer.weightsFile(), 'weights.safetensors');
-      ui.status(`exported weights.safetensors (step ${trainer.step})`);
+      ui.status(frozen.length
+        ? `exported the adapters as weights.safetensors (step ${trainer.step}); the base weights stay the folder's ${frozenFile}`
+        : `exported weights.safetensors (step ${trainer.step})`);
     } catch (e) {
       ui.status(`export failed: ${e.message}`, true);
     }

@@ -7,18 +7,29 @@
 // /hosts/common/, so its relative imports resolve in the page as they do on disk (and
 // tests/test_host_reliability.py runs the page's checks from here under Node).
 
-import { checkManifest } from '../common/manifest.mjs';
+import { checkManifest, frozenParameters, parameterCounts } from '../common/manifest.mjs';
 import { checkSelfContained } from '../common/onnx_scan.mjs';
 import { tokenizerEntry } from '../common/tokenizer.mjs';
 
 export { checkSelfContained };
 
 /** Check manifest.json (hosts/common checkManifest, and its tokenizer entry: a kind the page cannot
- *  tokenize is refused) and return what the page needs from it. */
+ *  tokenize is refused) and return what the page needs from it. The page feeds frozen inputs (a
+ *  LoRA folder's base weights, `frozen`: [{name, shape, dtype}], [] elsewhere) at every step, so a
+ *  LoRA folder is read; `counts` is [trained, total] numbers of weights, `json` the manifest itself. */
 export function readManifest(manifest, where = 'manifest.json') {
-  checkManifest(manifest, where);
+  checkManifest(manifest, where, Error, { frozen: true });
   const tokenizer = tokenizerEntry(manifest, where);
-  return { config: manifest.config, params: manifest.parameters, files: manifest.files, tokenizer };
+  return {
+    json: manifest,
+    config: manifest.config,
+    params: manifest.parameters,
+    frozen: frozenParameters(manifest),
+    frozenFile: manifest.frozen?.file ?? null,
+    counts: parameterCounts(manifest),
+    files: manifest.files,
+    tokenizer,
+  };
 }
 
 /**

@@ -2,7 +2,9 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
 import { CONSTANTS, MANIFEST_FORMAT, RETIRED_VERSIONS, newMName, trainStepInputs, trainStepOutputs } from '../contract.mjs';
-import { checkManifest, weightsFor } from '../manifest.mjs';
+import { checkManifest, frozenFeeds, frozenParameters, parameterCounts, weightsFor } from '../manifest.mjs';
+import { encodeSafetensors } from '../safetensors.mjs';
+import { numel } from '../util.mjs';
 import base from '../../../contract/vectors/manifest_base.json' with { type: 'json' };
 import manifests from '../../../contract/vectors/manifests.json' with { type: 'json' };
 
@@ -85,4 +87,36 @@ test('a LoRA manifest: refused unless the trainer feeds frozen inputs, then its 
   bad((x) => { x.parameters[0].name = 'wte'; }, /parameter "wte" is listed twice/);
   bad((x) => { x.frozen.parameters[0].shape = [7, x.config.d_model]; }, /parameter wte has shape \[7,/);
   bad((x) => { delete x.frozen; }, /format_version 4 without frozen inputs/);
+});
+
+test("a LoRA manifest's frozen inputs: train_step's first inputs, counted apart, fed from base.safetensors", () => {
+  const m = loraManifest();
+  const [adapter] = m.parameters;
+  const frozenNames = m.frozen.parameters.map((p) => p.name);
+  assert.deepEqual(frozenParameters(m), m.frozen.parameters);
+  assert.deepEqual(frozenParameters(base), []);
+  assert.deepEqual(trainStepInputs(m.parameters, m.frozen.parameters), [...frozenNames, ...trainStepInputs(m.parameters)]);
+  assert.deepEqual(trainStepInputs(base.parameters, []), trainStepInputs(base.parameters));
+
+  const total = base.parameters.reduce((n, p) => n + numel(p.shape), 0);
+  assert.deepEqual(parameterCounts(base), [total, total]);
+  assert.deepEqual(parameterCounts(m), [numel(adapter.shape), numel(adapter.shape) + total]);
+
+  class Tensor {
+    constructor(type, data, dims) { Object.assign(this, { type, data, dims }); }
+  }
+  const values = (p, k) => Float32Array.from({ length: numel(p.shape) }, (_, i) => k + i / 8);
+  const file = (params) => encodeSafetensors(Object.fromEntries(params.map((p, k) => [p.name, { data: values(p, k), shape: p.shape }])));
+  const feeds = frozenFeeds(Tensor, m, file(m.frozen.parameters), 'base.st');
+  assert.deepEqual(Object.keys(feeds), frozenNames);
+  m.frozen.parameters.forEach((p, k) => {
+    assert.ok(feeds[p.name] instanceof Tensor && feeds[p.name].type === 'float32');
+    assert.deepEqual(feeds[p.name].dims, p.shape);
+    assert.deepEqual(feeds[p.name].data, values(p, k));
+  });
+  assert.deepEqual(frozenFeeds(Tensor, base, null), {}); // a full folder has no base to feed
+  assert.throws(() => frozenFeeds(Tensor, m, file(m.frozen.parameters.slice(1)), 'base.st', ManifestError),
+    (e) => e instanceof ManifestError && e.message === `base.st: missing parameters ${frozenNames[0]}`);
+  assert.throws(() => frozenFeeds(Tensor, m, file(m.parameters), 'base.st'), /base\.st: missing parameters/);
+  assert.throws(() => frozenFeeds(Tensor, m, new Uint8Array(4), 'base.st'), /base\.st: 4 bytes is too short/);
 });
