@@ -186,8 +186,11 @@ def _run_measured(cmd: list[str], env: dict, log) -> tuple[int, float, float, st
 def build(config: str, folder: Path, env: dict, reuse: bool, log, recompute: bool = False) -> dict:
     if reuse and (folder / "manifest.json").is_file():
         manifest = json.loads((folder / "manifest.json").read_text())
+        from graphgen.recompute import default_recompute
+
+        want = ["attention"] if recompute else default_recompute(manifest["config"]["context"])
         if (manifest.get("name") == config and manifest["config"].get("labels") == "index"
-                and bool(manifest["train_step"].get("recompute")) == recompute):
+                and manifest["train_step"].get("recompute") == want):
             log(f"build {config}: reusing {folder} (not timed)")
             return {"config": config, "reused": True, "folder": str(folder)}
     log(f"build {config} -> {folder} ...")
@@ -443,7 +446,8 @@ def main(argv=None) -> int:
     p.add_argument("--artifacts-dir", type=Path, default=Path(tempfile.gettempdir()) / "gpt2-onnx-bench",
                    help="where the benchmark builds its artifact folders (default: $TMPDIR/gpt2-onnx-bench)")
     p.add_argument("--recompute-attention", action="store_true",
-                   help="build the step graphs with graphgen build --recompute-attention (less memory, more work)")
+                   help="build the step graphs with graphgen build --recompute-attention at every size (default: "
+                        "graphgen's auto, which recomputes attention and GELU outputs from a context of 1,024 up)")
     p.add_argument("--reuse", action="store_true", help="reuse artifact folders already built there (build not timed)")
     p.add_argument("--rounds", type=int, help="bursts per participant (default: per case)")
     p.add_argument("--burst", type=int, help="steps per burst, the first a re-warm when > 1 (default: per case)")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import INIT_MODES, LABEL_MODES, PRESETS, ConfigError, GPT2Config
+from .recompute import AUTO_CONTEXT, KINDS as RECOMPUTE_KINDS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,10 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--clip", type=float, default=0.0,
                    help="gradient-norm clipping built into the ONNX Runtime training set's optimizer (default 0: off; "
                         "train_step.onnx takes the threshold at every step instead)")
-    b.add_argument("--recompute-attention", action="store_true",
-                   help="the backward recomputes each layer's attention probabilities from q and k instead of "
-                        "keeping them from the forward: less memory (gpt2 1x1024: about 430 MB), one more "
-                        "q k^T product per layer")
+    b.add_argument("--recompute", default="auto", metavar="auto|none|attention,gelu",
+                   help="what the backward recomputes instead of keeping from the forward: each layer's attention "
+                        "probabilities from q and k (gpt2 1x1024: about 430 MB less, one more q k^T product per "
+                        "layer) and GELU outputs from their inputs (about 140 MB less, one more GELU per layer). "
+                        f"auto (default): both from a context of {AUTO_CONTEXT} up, neither below")
+    b.add_argument("--recompute-attention", action="store_true", help="the same as --recompute attention")
     b.add_argument("--force", action="store_true",
                    help="replace an artifact folder even if it holds files the build did not write "
                         "(never a folder that is not an artifact folder)")
@@ -98,6 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    recompute = None  # auto
+    if args.recompute_attention:
+        if args.recompute != "auto":
+            return _fail(f"--recompute-attention is --recompute attention; --recompute {args.recompute} says otherwise")
+        recompute = ["attention"]
+    elif args.recompute != "auto":
+        recompute = [] if args.recompute == "none" else [k.strip() for k in args.recompute.split(",")]
+        if args.recompute != "none" and (not recompute or any(k not in RECOMPUTE_KINDS for k in recompute)):
+            return _fail(f"--recompute {args.recompute!r}: give auto, none, or a comma-separated list of "
+                         f"{', '.join(RECOMPUTE_KINDS)}")
     lora = None
     lora_given = [f"--lora-{k}" for k in ("alpha", "targets", "dropout") if getattr(args, f"lora_{k}") is not None]
     if args.lora_rank is None and lora_given:
@@ -118,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building {cfg.name}: {cfg.to_dict()}", flush=True)
     try:
         build_artifacts(cfg, out, log=lambda m: print(m, flush=True), force=args.force, imported=imported,
-                        recompute_attention=args.recompute_attention, lora=lora)
+                        recompute=recompute, lora=lora)
     except OutputFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ from .init import init_weights
 from .lora import init_adapters
 from .model import build_forward_logits, build_forward_loss
 from .in_place import parameters_updatable_in_place
-from .recompute import recompute_attention as recompute_attention_pass
+from .recompute import KINDS as RECOMPUTE_KINDS, default_recompute, recompute as recompute_pass
 from .ort_training_set import training_set_available, write_training_set
 from .train_step import build_apply_step, build_grad_step, build_train_step
 
@@ -81,14 +81,16 @@ def check_out_folder(out: Path, force: bool = False) -> None:
 
 
 def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, imported=None,
-                    recompute_attention: bool = False, lora: dict | None = None) -> dict:
+                    recompute_attention: bool = False, lora: dict | None = None,
+                    recompute: list[str] | None = None) -> dict:
     """Build every artifact for ``cfg`` into ``out``; returns the manifest.
 
     ``imported`` (an hf_import.Imported) supplies the weights, the files to copy
     in (the tokenizer) and the manifest's ``source`` and ``tokenizer``; without
-    it the weights are the LCG init and the tokenizer is bytes. ``recompute_attention``:
-    the step graphs recompute the attention probabilities in the backward
-    (graphgen/recompute.py); the same numbers, less memory, more work.
+    it the weights are the LCG init and the tokenizer is bytes. ``recompute``: what the
+    step graphs' backward recomputes instead of keeping (graphgen/recompute.py: the same
+    numbers, less memory, more work); None: recompute.default_recompute for the context;
+    ``recompute_attention`` is ``recompute=["attention"]``.
     ``lora`` (contract.lora.check_lora's entry) makes a LoRA folder: those weights
     become the frozen base (base.safetensors, inputs of every model, never
     updated), the adapters the parameters (weights.safetensors, PEFT's init;
@@ -133,14 +135,17 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
         _save(build_decoder(cfg), tmp / "decoder.onnx")  # a LoRA folder's too: samplers merge the adapters in
         log(f"decoder.onnx ({time.perf_counter() - t0:.1f}s)")
 
-        recompute = recompute_attention_pass if recompute_attention else (lambda m: m)
+        if recompute is None:
+            recompute = ["attention"] if recompute_attention else default_recompute(cfg.context)
+        recompute = [k for k in RECOMPUTE_KINDS if k in recompute] + [k for k in recompute if k not in RECOMPUTE_KINDS]
         frozen = tuple(base)
         loss_graph = build_forward_loss(cfg, lora=lora)
-        train_step = recompute(build_train_step(loss_graph, list(weights), frozen=frozen))
+        train_step = recompute_pass(build_train_step(loss_graph, list(weights), frozen=frozen), recompute)
         _save(train_step, tmp / "train_step.onnx")
         log(f"train_step.onnx ({time.perf_counter() - t0:.1f}s)")
 
-        _save(recompute(build_grad_step(loss_graph, list(weights), frozen=frozen)), tmp / "grad_step.onnx")
+        _save(recompute_pass(build_grad_step(loss_graph, list(weights), frozen=frozen), recompute),
+              tmp / "grad_step.onnx")
         apply_step = build_apply_step(loss_graph, list(weights), frozen=frozen)
         _save(apply_step, tmp / "apply_step.onnx")
         log(f"grad_step.onnx, apply_step.onnx ({time.perf_counter() - t0:.1f}s)")
@@ -161,7 +166,7 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
                 "here (pip install '.[training]'), so the ort-training runtime cannot use this folder")
 
         manifest = _manifest(cfg, tmp, source, tokenizer, training_files, in_place,
-                             ["attention"] if recompute_attention else [], lora)
+                             recompute, lora)
         with open(tmp / "manifest.json", "w") as f:
             json.dump(manifest, f, indent=1)
         for p in tmp.iterdir():
@@ -217,7 +222,7 @@ def _manifest(cfg: GPT2Config, folder: Path, source: dict, tokenizer: dict, trai
             # bind new.<p> to <p>'s own buffer (graphgen/in_place.py checked the graphs written)
             "in_place": in_place,
             # what the backward of train_step.onnx and grad_step.onnx recomputes instead of
-            # keeping from the forward (build --recompute-attention): ["attention"] or []
+            # keeping from the forward (build --recompute): a subset of ["attention", "gelu"]
             "recompute": recompute,
         },
         "models": {name: _model_io(folder / name) for name in model_files},

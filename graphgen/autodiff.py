@@ -15,7 +15,9 @@ or onnx_ir is needed at this level.
    Cast to int, ...) are therefore never differentiated.
 3. The on-path nodes are walked in reverse topological order. Each node's
    output cotangents are the sum of every contribution received (one ``Sum``
-   node when a value is used more than once: tied weights get the sum). The
+   node when a value is used more than once: tied weights get the sum; a
+   gathered contribution is scattered into the others, see
+   :func:`_sum_contributions`). The
    rule registered in :data:`RULES` for the node's op emits the
    vector-Jacobian-product nodes for its active inputs (see "Rules" below). An
    on-path op without a rule raises :class:`UnsupportedOpError` naming the op
@@ -412,8 +414,7 @@ def add_vjp(model: onnx.ModelProto, outputs: list[str], cotangents: list[str], w
             return None
         if len(parts) > 1:
             ctx.node = None
-            summed = ctx.emit("Sum", parts, hint="gsum")
-            contributions[name] = [summed]
+            contributions[name] = [_sum_contributions(ctx, parts)]
         return contributions[name][0]
 
     for n in reversed(fwd_nodes):
@@ -461,6 +462,44 @@ def _to_input_shape(ctx: Ctx, entry: Rule, node: onnx.NodeProto, i: int, gi) -> 
     if like is not None:
         g = ctx.reduce_to(g, node.input[i], like)
     return ctx.emit("Neg", [g]) if neg else g
+
+
+def _zeros_scatter_add(ctx: Ctx, g: str):
+    """(indices, updates, axis) when ``g`` is ScatterElements(zeros, I, U, reduction="add"), the
+    form the Gather and GatherElements rules give a gathered tensor's cotangent; else None."""
+    n = ctx.producer.get(g)
+    if n is None or n.op_type != "ScatterElements" or n.domain not in ("", "ai.onnx"):
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+    if attrs.get("reduction") not in ("add", b"add"):
+        return None
+    z = ctx.producer.get(n.input[0])
+    if z is None or z.op_type != "ConstantOfShape":
+        return None
+    value = next((helper.get_attribute_value(a) for a in z.attribute if a.name == "value"), None)
+    if value is None or np.any(numpy_helper.to_array(value) != 0):
+        return None
+    return n.input[1], n.input[2], attrs.get("axis", 0)
+
+
+def _sum_contributions(ctx: Ctx, parts: list[str]) -> str:
+    """The sum of a value's cotangent contributions (each already of the value's shape).
+
+    A contribution that scatters updates into zeros (a gathered tensor: a tied embedding's
+    rows) is added by scattering its updates into the sum of the others instead: no
+    zeros tensor, no extra pass. That zeros tensor has the weight's static shape, so
+    an engine folds it into a constant it keeps for the session (gpt2's embedding:
+    147 MiB), and the Sum costs another tensor of that size."""
+    scatters = [(p, _zeros_scatter_add(ctx, p)) for p in parts]
+    dense = [p for p, sc in scatters if sc is None]
+    if not dense:
+        dense, scatters = [parts[0]], [(p, _zeros_scatter_add(ctx, p)) for p in parts[1:]]
+    out = dense[0] if len(dense) == 1 else ctx.emit("Sum", dense, hint="gsum")
+    for p, sc in scatters:
+        if sc is not None:
+            idx, upd, axis = sc
+            out = ctx.emit("ScatterElements", [out, idx, upd], hint="gsum", axis=axis, reduction="add")
+    return out
 
 
 def _prune_backward(graph: onnx.GraphProto, n_forward: int, keep: set[str]) -> None:

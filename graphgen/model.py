@@ -14,7 +14,8 @@ It comes in two spellings of the same math (:data:`SPELLINGS`):
   zeros); the backward recomputes mean and rstd from X (0-1.5% of a train step
   on small and mid, against reading saved statistics). Axes are non-negative,
   the causal mask is a constant sliced to (T, T) (no Shape -> Range chain), and
-  the loss picks labels from a 2-D (B*T, vocab) LogSoftmax.
+  the loss is logsumexp minus the label's logit on 2-D (B*T, vocab) rows (the
+  opset-17 spelling below picks from a LogSoftmax: see ``_Forward.loss``).
 - ``"ort-training"`` (opset 17, the forward handed to onnxruntime-training
   1.19.2's gradient builder): the tanh GELU written out in Mul/Add/Tanh (the
   builder differentiates an opset-20 tanh ``Gelu`` with the exact (erf)
@@ -217,6 +218,11 @@ class _Forward:
         return self.adapted(hidden, self.p[pre + "pr_w"], self.p[pre + "pr_b"], layer, "mlp.c_proj")  # (B, T, d)
 
     def logits(self) -> ir.Value:
+        """(B, T, V): the final hidden state times the tied embedding."""
+        return self.linear(self.hidden(), self.p["wte"], None)  # (B, T, V), tied unembedding
+
+    def hidden(self) -> ir.Value:
+        """(B, T, d): the final LayerNorm's output, which the unembedding multiplies."""
         op = self.op
         x = op.Add(
             op.Gather(self.p["wte"], self.tokens, axis=0), op.Gather(self.p["wpe"], self.positions, axis=0)
@@ -227,28 +233,43 @@ class _Forward:
             x = op.Add(x, self.attention(self.layer_norm(x, f"h{layer}.ln1_g", f"h{layer}.ln1_b"), layer, mask))
             x = op.Add(x, self.mlp(self.layer_norm(x, f"h{layer}.ln2_g", f"h{layer}.ln2_b"), layer))
             self.gb.pop_module()
-        x = self.layer_norm(x, "lnf_g", "lnf_b")
-        return self.linear(x, self.p["wte"], None)  # (B, T, V), tied unembedding
+        return self.layer_norm(x, "lnf_g", "lnf_b")  # (B, T, d)
 
-    def loss(self, logits: ir.Value) -> ir.Value:
-        """Mean over positions of -sum(labels * log_softmax(logits)).
+    def loss(self, hidden: ir.Value) -> ir.Value:
+        """Mean over positions of -sum(labels * log_softmax(logits)), from the final hidden state.
 
-        Index labels pick from a 2-D (B*T, vocab) LogSoftmax: GatherElements on rank 2 along
-        axis 1 is the form every engine's kernel handles (onnx's reference evaluator takes
-        a rank-3 one with more than 64 classes apart), at no cost (Reshape is a view)."""
+        Index labels: -log_softmax(x)[label] = logsumexp(x) - x[label], per row of the 2-D
+        (B*T, vocab) logits. Spelled so, the step keeps the logits alone for the backward
+        (softmax = exp(x - logsumexp), the label's entry scattered in) where a LogSoftmax
+        would keep its (B*T, vocab) output beside them (gpt2 at 1x1024: 196 MiB each).
+        GatherElements on rank 2 along axis 1 is the form every engine's kernel handles
+        (onnx's reference evaluator takes a rank-3 one with more than 64 classes apart),
+        at no cost (Reshape is a view). The hidden state is flattened before the unembedding,
+        not the logits after it: the backward of a Reshape reads its input's shape, and
+        reading the logits' would keep them alive until then."""
         op, v = self.op, self.cfg.vocab
         if self.cfg.labels == "index":
-            rows = op.Reshape(logits, self.const([-1, v], np.int64))  # (B*T, V)
-            logp = op.LogSoftmax(rows, axis=1)  # (B*T, V)
+            flat = op.Reshape(hidden, self.const([-1, self.cfg.d_model], np.int64))  # (B*T, d)
+            rows = self.linear(flat, self.p["wte"], None)  # (B*T, V), tied unembedding
             idx = op.Reshape(self.labels, self.const([-1, 1], np.int64))  # (B*T, 1)
-            # Stated so the autodiff sees that the picked entries and the LogSoftmax rows match,
-            # and folds the cross-entropy backward into one scatter. The dim is named by its
-            # value: tract reads dim names as expressions and refuses a free symbol here.
-            rows.shape = logp.shape = ir.Shape(["batch*seq", v])
+            # Stated so the autodiff sees that the picked entries and the rows match, and
+            # scatters the label's term into the softmax instead of adding a zeros tensor.
+            # The dim is named by its value: tract reads dim names as expressions and
+            # refuses a free symbol here.
+            rows.shape = ir.Shape(["batch*seq", v])
             idx.shape = ir.Shape(["batch*seq", 1])
+            if self.spelling.opset >= 18:
+                lse = op.ReduceLogSumExp(rows, self.const([1], np.int64), keepdims=1)  # (B*T, 1)
+                nll = op.Sub(lse, op.GatherElements(rows, idx, axis=1))  # (B*T, 1)
+                return op.ReduceMean(nll, keepdims=0)  # scalar
+            # Before opset 18 ReduceLogSumExp takes its axes as an attribute, which OpenVINO
+            # (2026.4) ignores, reducing over every axis; this spelling's graphs are
+            # onnxruntime-training's to differentiate, so they keep the LogSoftmax.
+            logp = op.LogSoftmax(rows, axis=1)  # (B*T, V)
+            logp.shape = ir.Shape(["batch*seq", v])
             picked = op.GatherElements(logp, idx, axis=1)  # (B*T, 1)
         else:
-            logp = op.LogSoftmax(logits, axis=2)  # (B, T, V)
+            logp = op.LogSoftmax(self.linear(hidden, self.p["wte"], None), axis=2)  # (B, T, V)
             picked = op.ReduceSum(op.Mul(self.labels, logp), self.const([2], np.int64), keepdims=0)  # (B, T)
         return op.Neg(op.ReduceMean(picked, keepdims=0))  # scalar
 
@@ -270,7 +291,7 @@ def build_forward_loss(cfg: GPT2Config, spelling: str | None = None, *, gelu: st
     ``spelling`` is a key of :data:`SPELLINGS` (default "portable"); ``gelu`` ("op" or
     "expanded") names the same choice by its GELU; ``lora`` adds adapters (module docstring)."""
     f = _Forward(cfg, with_labels=True, spelling=_spelling(spelling, gelu), lora=lora)
-    return f.finish({"loss": (f.loss(f.logits()), [])})
+    return f.finish({"loss": (f.loss(f.hidden()), [])})
 
 
 def build_forward_logits(cfg: GPT2Config, spelling: str | None = None, *, gelu: str | None = None,

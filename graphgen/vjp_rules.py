@@ -466,6 +466,29 @@ def vjp_reduce_mean(ctx, node, gouts):
     return [_unsqueeze_expand(ctx, scaled, x, axes, keepdims)]
 
 
+@rule("ReduceLogSumExp")
+def vjp_reduce_log_sum_exp(ctx, node, gouts):
+    # Y = log(sum(exp(X), axes))  ->  gX = g * exp(X - Y), g and Y broadcast over the reduced axes.
+    # Read from X and Y, so the backward keeps X (a cross-entropy's logits) and no copy of it.
+    x, y, g = node.input[0], node.output[0], gouts[0]
+    keepdims = ctx.attr("keepdims", 1)
+    if ctx.opset >= 18:
+        axes_in = node.input[1] if len(node.input) > 1 and node.input[1] else None
+        av = ctx.const_value(axes_in) if axes_in else None
+        if axes_in and av is None:
+            _unsupported(ctx, node, "ReduceLogSumExp with non-constant axes")
+        axes = None if av is None or av.size == 0 else [int(a) for a in av.reshape(-1)]
+        if axes is None and ctx.attr("noop_with_empty_axes", 0):
+            _unsupported(ctx, node, "ReduceLogSumExp with noop_with_empty_axes")
+    else:
+        axes = ctx.attr("axes")
+        axes = list(axes) if axes else None
+    if not keepdims and axes is not None:  # reduced to rank 0 when axes is None: broadcasts as it is
+        ax = ctx.ints([ctx.norm_axis(a, ctx.rank(x)) for a in axes])
+        y, g = ctx.emit("Unsqueeze", [y, ax]), ctx.emit("Unsqueeze", [g, ax])
+    return [ctx.emit("Mul", [ctx.emit("Exp", [ctx.emit("Sub", [x, y])]), g])]
+
+
 # --------------------------------------------------------------------------- normalisation / softmax
 
 

@@ -198,6 +198,24 @@ CASES = {
         nodes=[N("LogSoftmax", ["a"], ["l"], axis=2), N("GatherElements", ["l", "i"], ["y"], axis=-1)],
         diff={"a": rn(2, 3, 5)}, consts={"i": np.array([[[4], [1], [0]]] * 2, I64)},
         sym={"a": ["B", "T", 5], "i": ["B", "T", 1]}),
+    "reduce_log_sum_exp_keep1": dict(nodes=[N("ReduceLogSumExp", ["a", "ax"], ["y"], keepdims=1)],
+                                     diff={"a": rn(2, 3, 4)}, inits={"ax": np.array([1], I64)}, opset=20),
+    "reduce_log_sum_exp_keep0": dict(nodes=[N("ReduceLogSumExp", ["a", "ax"], ["y"], keepdims=0)],
+                                     diff={"a": rn(2, 3, 4)}, inits={"ax": np.array([-1, 0], I64)}, opset=20),
+    "reduce_log_sum_exp_all": dict(nodes=[N("ReduceLogSumExp", ["a"], ["y"], keepdims=0)], diff={"a": rn(2, 3)}),
+    "reduce_log_sum_exp_opset17": dict(nodes=[N("ReduceLogSumExp", ["a"], ["y"], axes=[1], keepdims=1)],
+                                       diff={"a": rn(3, 5)}, opset=17),
+    # the cross-entropy as the loss spells it: logsumexp(x) - x[label], rows of 2-D logits
+    "cross_entropy_lse": dict(
+        nodes=[N("ReduceLogSumExp", ["a", "ax"], ["lse"], keepdims=1), N("GatherElements", ["a", "i"], ["p"], axis=1),
+               N("Sub", ["lse", "p"], ["y"])],
+        diff={"a": rn(4, 5)}, inits={"ax": np.array([1], I64)}, consts={"i": np.array([[0], [4], [4], [2]], I64)},
+        opset=20),
+    # a tied table: gathered rows and a dense use (the embedding and the unembedding)
+    "gather_tied_dense": dict(
+        nodes=[N("Gather", ["w", "i"], ["e"], axis=0), N("Transpose", ["w"], ["wt"], perm=[1, 0]),
+               N("MatMul", ["e", "wt"], ["y"])],
+        diff={"w": rn(5, 3)}, consts={"i": np.array([[0, 3, 3], [4, 0, 3]], I64)}),
     "gather_elements_axis0": dict(nodes=[N("GatherElements", ["a", "i"], ["y"], axis=0)], diff={"a": rn(3, 2)},
                                   consts={"i": np.array([[2, 0], [2, 2]], I64)}),
     "gather_rows_repeated": dict(nodes=[N("Gather", ["w", "i"], ["y"], axis=0)], diff={"w": rn(5, 4)},
@@ -318,6 +336,15 @@ def test_cross_entropy_backward_is_one_scatter_without_zeros(name, fused):
     ops = [n.op_type for n in check_vjp(**CASES[name]).graph.node]
     assert (ops.count("ConstantOfShape"), ops.count("ScatterElements"), "Sub" in ops) == (
         (0, 1, False) if fused else (1, 1, True))
+
+
+@pytest.mark.parametrize("name", ["cross_entropy_lse", "gather_tied_dense"])
+def test_gathered_contribution_is_scattered_into_the_dense_one(name):
+    """A value used by a Gather(Elements) and by dense ops gets one cotangent: the gathered
+    entries scattered into the dense contribution, with no zeros tensor and no Sum (an engine
+    folds a zeros tensor of a weight's static shape into a constant it keeps)."""
+    ops = [n.op_type for n in check_vjp(**CASES[name]).graph.node]
+    assert (ops.count("ConstantOfShape"), ops.count("ScatterElements"), ops.count("Sum")) == (0, 1, 0)
 
 
 def test_layernorm_float32_uses_saved_statistics_and_matches_float64():

@@ -71,16 +71,38 @@ def test_portable_graphs_use_only_portable_forms(tiny_artifacts, name):
 
 
 def test_cross_entropy_backward_stays_fused(tiny_index):
-    """The picked log-probabilities' cotangent folds into LogSoftmax's backward as one
-    scatter (gX = scatter_add(-exp(Y) * sum(U), I, U)), not a dense (B*T, vocab) zeros +
-    scatter + Sub: the dim hint on the 2-D loss rows is what lets the autodiff see it."""
+    """The loss is logsumexp(rows) - rows[label]: the rows' cotangent is the softmax
+    exp(rows - lse) times the loss's cotangent, with the label's entries scattered into it
+    (one ScatterElements), not a dense (B*T, vocab) zeros + scatter + Sum; and no LogSoftmax
+    output is kept beside the rows. The dim hint on the 2-D loss rows is what lets the
+    autodiff see that the picked entries and the rows match."""
     model = _load(tiny_index, "train_step.onnx")
     producer = {o: n for n in model.graph.node for o in n.output}
-    (lsm,) = [n for n in model.graph.node if n.op_type == "LogSoftmax"]
-    exps = {n.output[0] for n in model.graph.node if n.op_type == "Exp" and n.input[0] == lsm.output[0]}
+    assert not [n for n in model.graph.node if n.op_type == "LogSoftmax"]
+    (lse,) = [n for n in model.graph.node if n.op_type == "ReduceLogSumExp"]
+    rows = lse.input[0]
+    subs = {n.output[0] for n in model.graph.node if n.op_type == "Sub" and list(n.input) == [rows, lse.output[0]]}
+    exps = {n.output[0] for n in model.graph.node if n.op_type == "Exp" and n.input[0] in subs}
     fused = [n for n in model.graph.node if n.op_type == "ScatterElements" and n.input[0] in producer
              and producer[n.input[0]].op_type == "Mul" and exps & set(producer[n.input[0]].input)]
     assert len(fused) == 1
+
+
+def test_tied_embedding_gradient_has_no_zeros_table(tiny_index):
+    """wte's gradient is the unembedding's with the embedding's rows scattered in: no
+    ConstantOfShape of wte's static shape, which ONNX Runtime would fold into a constant it
+    keeps for the session (gpt2: 147 MiB), and no Sum of the two."""
+    model = _load(tiny_index, "train_step.onnx")
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    wte = [list(d.dim_value for d in i.type.tensor_type.shape.dim) for i in model.graph.input if i.name == "wte"][0]
+    zeros = [n for n in model.graph.node if n.op_type == "ConstantOfShape"
+             and n.input[0] in consts and list(consts[n.input[0]]) == wte]
+    assert not zeros
+    producer = {o: n for n in model.graph.node for o in n.output}
+    (update,) = [n for n in model.graph.node if "new.m.wte" in n.output]
+    grad = [x for x in producer[update.input[1]].input if x in producer][0]  # g * c1, g the gradient
+    assert producer[grad].op_type == "ScatterElements"
+    assert producer[producer[grad].input[0]].op_type != "ConstantOfShape"
 
 
 def test_the_check_sees_each_problem():
