@@ -94,7 +94,7 @@ soak: $(STAMP)
 	$(VPY) -m pytest -m soak -s tests/test_soak.py
 
 # Step time, tokens/s, peak RSS and GFLOP/s of each runtime against PyTorch eager, interleaved in one run.
-# QUICK=1: small only. DEVICE=cuda, THREADS=N, BENCH_CONFIGS=small,mid,gpt2, RECOMPUTE=1 (build --recompute-attention).
+# QUICK=1: small only. DEVICE=cuda, THREADS=N, BENCH_CONFIGS=small,mid,gpt2, RECOMPUTE=1 (build --recompute-attention at every size; by default graphgen recomputes attention and GELU outputs from a context of 1,024 up).
 bench: $(STAMP)
 	$(VPY) -m bench.run $(if $(QUICK),--quick) $(if $(RECOMPUTE),--recompute-attention) $(if $(DEVICE),--device $(DEVICE)) $(if $(THREADS),--threads $(THREADS)) $(if $(BENCH_CONFIGS),--configs $(BENCH_CONFIGS))
 

@@ -7,7 +7,9 @@
 For each case (config, batch x T) it starts one process per participant
 (bench/worker.py): the ``ort``, ``ort-training`` and ``openvino`` runtimes, ``ort-split``
 (the ``ort`` runtime through grad_step.onnx + apply_step.onnx, the path of gradient
-accumulation and data parallel, on the same whole batch), the batched
+accumulation and data parallel, on the same whole batch), ``ort-lora`` (the ``ort``
+runtime on a LoRA folder of the same model: rank-8 adapters on every target, the
+model frozen, built beside the plain folder), the batched
 PyTorch eager model (bench/torch_model.py; ``torch`` with an explicit masked
 softmax, ``torch-sdpa`` with scaled_dot_product_attention) and a NumPy sgemm
 probe. It then runs warm-up steps and alternates short bursts of steps across
@@ -100,7 +102,10 @@ QUICK_CASES = [Case("small", 1, 256, 6, 2)]
 CUDA_CASES = [Case("small", 8, 256, 6, 3, burst=6), Case("mid", 8, 256, 6, 3, burst=6),
               Case("gpt2", 8, 1024, 6, 2, burst=4)]
 EXTRA_CASES = [Case("tiny", 1, 64, 2, 1)]  # selected only by name
-RUNTIMES = ("ort", "ort-split", "ort-training", "openvino", "torch", "torch-sdpa")
+RUNTIMES = ("ort", "ort-split", "ort-lora", "ort-training", "openvino", "torch", "torch-sdpa")
+# ort-lora: the `ort` runtime on a LoRA folder of the same model (adapters of this rank on
+# every target, the model frozen): what a LoRA step costs next to a full one.
+LORA_RANK = 8
 BASELINE = "torch"
 
 # The targets: (case label, runtime) -> minimum tokens/s ratio to the baseline.
@@ -166,8 +171,8 @@ def machine_info(threads: int) -> dict:
 # --------------------------------------------------------------------------- builds
 
 
-def folder_name(config: str, recompute: bool) -> str:
-    return config + ("-recompute" if recompute else "")
+def folder_name(config: str, recompute: bool, lora: bool = False) -> str:
+    return config + (f"-lora-r{LORA_RANK}" if lora else "") + ("-recompute" if recompute else "")
 
 
 def _run_measured(cmd: list[str], env: dict, log) -> tuple[int, float, float, str]:
@@ -183,20 +188,23 @@ def _run_measured(cmd: list[str], env: dict, log) -> tuple[int, float, float, st
     return proc.returncode, wall, usage.ru_maxrss / 2**20, tail
 
 
-def build(config: str, folder: Path, env: dict, reuse: bool, log, recompute: bool = False) -> dict:
+def build(config: str, folder: Path, env: dict, reuse: bool, log, recompute: bool = False, lora: bool = False) -> dict:
     if reuse and (folder / "manifest.json").is_file():
         manifest = json.loads((folder / "manifest.json").read_text())
         from graphgen.recompute import default_recompute
 
         want = ["attention"] if recompute else default_recompute(manifest["config"]["context"])
         if (manifest.get("name") == config and manifest["config"].get("labels") == "index"
-                and manifest["train_step"].get("recompute") == want):
+                and manifest["train_step"].get("recompute") == want
+                and (manifest.get("lora") or {}).get("rank") == (LORA_RANK if lora else None)):
             log(f"build {config}: reusing {folder} (not timed)")
             return {"config": config, "reused": True, "folder": str(folder)}
     log(f"build {config} -> {folder} ...")
     cmd = [sys.executable, "-m", "graphgen", "build", "--config", config, "--out", str(folder)]
     if recompute:
         cmd.append("--recompute-attention")
+    if lora:
+        cmd += ["--lora-rank", str(LORA_RANK), "--force"]
     rc, wall, rss, tail = _run_measured(cmd, env, log)
     if rc != 0:
         raise SystemExit(f"`{' '.join(cmd)}` failed (exit {rc}):\n{tail}")
@@ -210,8 +218,9 @@ def build(config: str, folder: Path, env: dict, reuse: bool, log, recompute: boo
 
 
 class Worker:
-    def __init__(self, kind: str, case: Case, folder: Path, threads: int, device: str, env: dict):
-        self.kind = kind
+    def __init__(self, kind: str, case: Case, folder: Path, threads: int, device: str, env: dict,
+                 label: str | None = None):
+        self.kind = label or kind  # the participant's name in the results
         cmd = [sys.executable, "-m", "bench.worker", "--kind", kind, "--artifacts", str(folder),
                "--batch", str(case.batch), "--seq", str(case.seq), "--threads", str(threads), "--device", device]
         self.stderr = tempfile.TemporaryFile()
@@ -269,7 +278,8 @@ class Worker:
         self.stderr.close()
 
 
-def run_case(case: Case, folder: Path, runtimes: list[str], threads: int, device: str, env: dict, log) -> dict:
+def run_case(case: Case, folder: Path, runtimes: list[str], threads: int, device: str, env: dict, log,
+             lora_folder: Path | None = None) -> dict:
     cfg = CONFIGS[case.config]
     flops, parts = model_flops(cfg, case.batch, case.seq)
     tokens = case.batch * case.seq
@@ -295,7 +305,10 @@ def run_case(case: Case, folder: Path, runtimes: list[str], threads: int, device
     workers = []
     # the sgemm probe measures the CPU: no yardstick for a GPU run
     for kind in list(runtimes) + (["sgemm"] if device == "cpu" else []):
-        w = Worker(kind, case, folder, threads, device if kind != "sgemm" else "cpu", env)
+        if kind == "ort-lora":
+            w = Worker("ort", case, lora_folder, threads, device, env, label=kind)
+        else:
+            w = Worker(kind, case, folder, threads, device if kind != "sgemm" else "cpu", env)
         if w.wait_ready():
             workers.append(w)
             log(f"{case.label}: {kind} ready ({w.ready['load_s']:.1f} s, RSS {w.ready['rss_mb']:.0f} MiB)")
@@ -493,13 +506,17 @@ def main(argv=None) -> int:
     for config in dict.fromkeys(c.config for c in cases):
         builds.append(build(config, a.artifacts_dir / folder_name(config, a.recompute_attention), env, a.reuse, log,
                             a.recompute_attention))
+        if "ort-lora" in runtimes:
+            build(config, a.artifacts_dir / folder_name(config, a.recompute_attention, lora=True), env, a.reuse, log,
+                  a.recompute_attention, lora=True)
     for case in cases:
         folder = a.artifacts_dir / folder_name(case.config, a.recompute_attention)
         manifest = json.loads((folder / "manifest.json").read_text())
         got = tuple(manifest["config"][k] for k in ("vocab", "context", "d_model", "n_heads", "d_ff", "n_layers"))
         if got != CONFIGS[case.config]:
             raise SystemExit(f"{folder} holds {got}, not the {case.config} preset {CONFIGS[case.config]}")
-        results.append(run_case(case, folder, runtimes, a.threads, a.device, env, log))
+        results.append(run_case(case, folder, runtimes, a.threads, a.device, env, log,
+                                a.artifacts_dir / folder_name(case.config, a.recompute_attention, lora=True)))
     machine["loadavg_end"] = list(os.getloadavg())
     targets = check_targets(results, builds)
     report = {"machine": machine, "device": a.device, "baseline": BASELINE,

@@ -27,7 +27,7 @@ def test_bench_runs_tiny_and_reports(tiny_index, tmp_path, capsys):
     arts.mkdir()
     (arts / "tiny").symlink_to(tiny_index, target_is_directory=True)
     out = tmp_path / "bench.json"
-    rc = run.main(["--configs", "tiny", "--rounds", "2", "--burst", "2", "--threads", "1", "--runtimes", "ort,ort-split,torch",
+    rc = run.main(["--configs", "tiny", "--rounds", "2", "--burst", "2", "--threads", "1", "--runtimes", "ort,ort-split,ort-lora,torch",
                    "--artifacts-dir", str(arts), "--reuse", "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
@@ -38,7 +38,9 @@ def test_bench_runs_tiny_and_reports(tiny_index, tmp_path, capsys):
     # the batched baseline agrees with the oracle at init
     chk = res["oracle_check"]
     assert chk["max_rel_diff"] < 1e-4 and math.isfinite(chk["losses"]["oracle"])
-    assert set(res["participants"]) == {"ort", "ort-split", "torch"}
+    assert set(res["participants"]) == {"ort", "ort-split", "ort-lora", "torch"}
+    lora = json.loads((arts / "tiny-lora-r8" / "manifest.json").read_text())  # built beside the reused folder
+    assert lora["lora"]["rank"] == run.LORA_RANK and lora["frozen"]["parameters"]
     for kind, p in res["participants"].items():
         # 2 rounds of 2 back-to-back steps: the first of each is a re-warm, the second timed
         assert len(p["times_ms"]) == 2 and all(t > 0 for t in p["times_ms"]) and len(p["rewarm_ms"]) == 2
