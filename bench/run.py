@@ -19,7 +19,8 @@ the first step of each burst is a re-warm and is recorded but not timed (the
 neighbour that just ran leaves the caches cold and its threads possibly still
 spinning; on small 1x256 re-warm steps measured 1.6x the back-to-back median
 for ``ort`` and 1.3x for PyTorch). Long steps (gpt2) run bursts of one, all
-timed. Per participant: median ms per full step
+timed, and one participant at a time (a process alive only for its own steps):
+seven gpt2 processes at once outgrow a 24 GiB machine. Per participant: median ms per full step
 (forward, loss, backward, AdamW), tokens/s, model GFLOP/s, the percentage of
 the sgemm rate measured in the same rounds, and peak RSS (the process's
 getrusage maxrss: imports, model, optimizer state, allocator arenas; each
@@ -80,6 +81,7 @@ class Case:
     rounds: int  # bursts per participant
     warmup: int
     burst: int = 3  # steps per burst; with burst > 1 the first of each is a re-warm, not timed
+    sequential: bool = False  # one participant process alive at a time (memory), not taking turns
 
     @property
     def steps(self) -> int:
@@ -95,7 +97,7 @@ CASES = [
     Case("small", 1, 256, 8, 2),
     Case("mid", 1, 256, 5, 2),
     Case("mid", 8, 256, 4, 1, burst=2),
-    Case("gpt2", 1, 1024, 3, 1, burst=1),
+    Case("gpt2", 1, 1024, 3, 1, burst=1, sequential=True),
 ]
 QUICK_CASES = [Case("small", 1, 256, 6, 2)]
 # On a GPU a step takes milliseconds: larger batches, longer bursts.
@@ -302,38 +304,46 @@ def run_case(case: Case, folder: Path, runtimes: list[str], threads: int, device
         if worst > 1e-4:
             raise SystemExit(f"{case.label}: the batched PyTorch model disagrees with the oracle: {losses}")
 
-    workers = []
-    # the sgemm probe measures the CPU: no yardstick for a GPU run
-    for kind in list(runtimes) + (["sgemm"] if device == "cpu" else []):
+    def start(kind: str) -> Worker | None:
         if kind == "ort-lora":
             w = Worker("ort", case, lora_folder, threads, device, env, label=kind)
         else:
             w = Worker(kind, case, folder, threads, device if kind != "sgemm" else "cpu", env)
         if w.wait_ready():
-            workers.append(w)
             log(f"{case.label}: {kind} ready ({w.ready['load_s']:.1f} s, RSS {w.ready['rss_mb']:.0f} MiB)")
-        else:
-            log(f"{case.label}: {kind} unavailable: {w.error.strip().splitlines()[-1] if w.error else '?'}")
-            result["participants"][kind] = {"error": w.error}
-    try:
-        for _ in range(case.warmup):
-            for w in workers:
-                r = w.step()
-                if r:
-                    w.losses.append(r[1])
-        for rnd in range(case.rounds):
-            k = rnd % len(workers)
-            for w in workers[k:] + workers[:k]:  # rotate the order: none always runs first
-                for i in range(case.burst):
+            return w
+        log(f"{case.label}: {kind} unavailable: {w.error.strip().splitlines()[-1] if w.error else '?'}")
+        result["participants"][kind] = {"error": w.error}
+        return None
+
+    # the sgemm probe measures the CPU: no yardstick for a GPU run
+    kinds = list(runtimes) + (["sgemm"] if device == "cpu" else [])
+    # Every participant alive at once lets them take turns; a sequential case runs them one
+    # at a time (gpt2's seven processes together outgrow a 24 GiB machine).
+    groups = [[k] for k in kinds] if case.sequential else [kinds]
+    workers: list[Worker] = []
+    for group in groups:
+        alive = [w for w in map(start, group) if w is not None]
+        workers += alive
+        try:
+            for _ in range(case.warmup):
+                for w in alive:
                     r = w.step()
                     if r:
-                        (w.rewarm if case.burst > 1 and i == 0 else w.times).append(r[0])
                         w.losses.append(r[1])
-            done = ", ".join(f"{w.kind} {w.times[-1]:.0f}" for w in workers if w.times and not w.error)
-            log(f"{case.label}: round {rnd + 1}/{case.rounds}: {done} ms")
-    finally:
-        for w in workers:
-            w.close()
+            for rnd in range(case.rounds):
+                k = rnd % len(alive) if alive else 0
+                for w in alive[k:] + alive[:k]:  # rotate the order: none always runs first
+                    for i in range(case.burst):
+                        r = w.step()
+                        if r:
+                            (w.rewarm if case.burst > 1 and i == 0 else w.times).append(r[0])
+                            w.losses.append(r[1])
+                done = ", ".join(f"{w.kind} {w.times[-1]:.0f}" for w in alive if w.times and not w.error)
+                log(f"{case.label}: round {rnd + 1}/{case.rounds}: {done} ms")
+        finally:
+            for w in alive:
+                w.close()
 
     sgemm = next((w for w in workers if w.kind == "sgemm" and w.times), None)
     sgemm_gflops = 2 * 2048**3 / (statistics.median(sgemm.times) / 1e3) / 1e9 if sgemm else None
@@ -486,7 +496,8 @@ def main(argv=None) -> int:
             p.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
         cases = [c for c in (cases + EXTRA_CASES) if c.config in wanted]
     if a.rounds is not None or a.burst is not None:
-        cases = [Case(c.config, c.batch, c.seq, a.rounds or c.rounds, c.warmup, a.burst or c.burst) for c in cases]
+        cases = [Case(c.config, c.batch, c.seq, a.rounds or c.rounds, c.warmup, a.burst or c.burst, c.sequential)
+                 for c in cases]
 
     if a.device == "cuda":
         import onnxruntime

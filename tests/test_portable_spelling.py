@@ -71,20 +71,19 @@ def test_portable_graphs_use_only_portable_forms(tiny_artifacts, name):
 
 
 def test_cross_entropy_backward_stays_fused(tiny_index):
-    """The loss is logsumexp(rows) - rows[label]: the rows' cotangent is the softmax
-    exp(rows - lse) times the loss's cotangent, with the label's entries scattered into it
-    (one ScatterElements), not a dense (B*T, vocab) zeros + scatter + Sum; and no LogSoftmax
-    output is kept beside the rows. The dim hint on the 2-D loss rows is what lets the
-    autodiff see that the picked entries and the rows match."""
+    """The loss is logsumexp(rows) - rows[label]: the rows' cotangent is softmax(rows) times
+    the loss's cotangent, with the label's entries scattered into it (one ScatterElements),
+    not a dense (B*T, vocab) zeros + scatter + Sum; and no LogSoftmax output is kept beside
+    the rows. The dim hint on the 2-D loss rows is what lets the autodiff see that the
+    picked entries and the rows match."""
     model = _load(tiny_index, "train_step.onnx")
     producer = {o: n for n in model.graph.node for o in n.output}
     assert not [n for n in model.graph.node if n.op_type == "LogSoftmax"]
     (lse,) = [n for n in model.graph.node if n.op_type == "ReduceLogSumExp"]
     rows = lse.input[0]
-    subs = {n.output[0] for n in model.graph.node if n.op_type == "Sub" and list(n.input) == [rows, lse.output[0]]}
-    exps = {n.output[0] for n in model.graph.node if n.op_type == "Exp" and n.input[0] in subs}
+    soft = {n.output[0] for n in model.graph.node if n.op_type == "Softmax" and list(n.input) == [rows]}
     fused = [n for n in model.graph.node if n.op_type == "ScatterElements" and n.input[0] in producer
-             and producer[n.input[0]].op_type == "Mul" and exps & set(producer[n.input[0]].input)]
+             and producer[n.input[0]].op_type == "Mul" and soft & set(producer[n.input[0]].input)]
     assert len(fused) == 1
 
 
