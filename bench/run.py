@@ -211,7 +211,7 @@ def build(config: str, folder: Path, env: dict, reuse: bool, log, recompute: boo
     if rc != 0:
         raise SystemExit(f"`{' '.join(cmd)}` failed (exit {rc}):\n{tail}")
     size = sum(p.stat().st_size for p in folder.iterdir())
-    log(f"build {config}: {wall:.1f} s, peak RSS {rss:.2f} GiB, {size / 2**20:.0f} MiB on disk")
+    log(f"build {folder.name}: {wall:.1f} s, peak RSS {rss:.2f} GiB, {size / 2**20:.0f} MiB on disk")
     return {"config": config, "reused": False, "folder": str(folder), "seconds": wall, "peak_rss_gib": rss,
             "bytes": size, "command": " ".join(cmd[1:])}
 
