@@ -464,9 +464,10 @@ def _to_input_shape(ctx: Ctx, entry: Rule, node: onnx.NodeProto, i: int, gi) -> 
     return ctx.emit("Neg", [g]) if neg else g
 
 
-def _zeros_scatter_add(ctx: Ctx, g: str):
+def zeros_scatter_add(ctx: Ctx, g: str):
     """(indices, updates, axis) when ``g`` is ScatterElements(zeros, I, U, reduction="add"), the
-    form the Gather and GatherElements rules give a gathered tensor's cotangent; else None."""
+    form the Gather and GatherElements rules give a gathered tensor's cotangent; else None.
+    (The axis as the node states it, possibly negative.)"""
     n = ctx.producer.get(g)
     if n is None or n.op_type != "ScatterElements" or n.domain not in ("", "ai.onnx"):
         return None
@@ -490,10 +491,10 @@ def _sum_contributions(ctx: Ctx, parts: list[str]) -> str:
     zeros tensor, no extra pass. That zeros tensor has the weight's static shape, so
     an engine folds it into a constant it keeps for the session (gpt2's embedding:
     147 MiB), and the Sum costs another tensor of that size."""
-    scatters = [(p, _zeros_scatter_add(ctx, p)) for p in parts]
+    scatters = [(p, zeros_scatter_add(ctx, p)) for p in parts]
     dense = [p for p, sc in scatters if sc is None]
     if not dense:
-        dense, scatters = [parts[0]], [(p, _zeros_scatter_add(ctx, p)) for p in parts[1:]]
+        dense, scatters = [parts[0]], [(p, zeros_scatter_add(ctx, p)) for p in parts[1:]]
     out = dense[0] if len(dense) == 1 else ctx.emit("Sum", dense, hint="gsum")
     for p, sc in scatters:
         if sc is not None:

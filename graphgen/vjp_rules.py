@@ -15,9 +15,9 @@ the output cotangent, ``Y`` the forward output.
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from graphgen.autodiff import RULES, Ctx, Negated, UnsupportedOpError, like_output, rule
+from graphgen.autodiff import RULES, Ctx, Negated, UnsupportedOpError, like_output, rule, zeros_scatter_add
 
 __all__ = ["RULES"]  # the engine's table, filled by this module's @rule registrations
 
@@ -437,22 +437,29 @@ def vjp_reduce_sum(ctx, node, gouts):
     return [_unsqueeze_expand(ctx, gouts[0], x, axes, keepdims)]
 
 
+def _constant_axes(ctx, node) -> tuple[list[int] | None, bool]:
+    """(axes, noop) of a reduction whose axes are constant: an input from opset 18 on, an
+    attribute before; axes None means every axis, unless noop (empty axes with
+    noop_with_empty_axes: the identity)."""
+    if ctx.opset >= 18:
+        axes_in = node.input[1] if len(node.input) > 1 and node.input[1] else None
+        av = ctx.const_value(axes_in) if axes_in else None
+        if axes_in and av is None:
+            _unsupported(ctx, node, f"{node.op_type} with non-constant axes")
+        axes = None if av is None or av.size == 0 else [int(a) for a in av.reshape(-1)]
+        return axes, axes is None and bool(ctx.attr("noop_with_empty_axes", 0))
+    axes = ctx.attr("axes")
+    return (list(axes) if axes else None), False
+
+
 @rule("ReduceMean")
 def vjp_reduce_mean(ctx, node, gouts):
     # Y = mean(X, axes)  ->  gX = expand(unsqueeze(g, axes), shape(X)) / N,  N = prod(X's dims on axes)
     x = node.input[0]
     keepdims = ctx.attr("keepdims", 1)
-    if ctx.opset >= 18:
-        axes_in = node.input[1] if len(node.input) > 1 and node.input[1] else None
-        av = ctx.const_value(axes_in) if axes_in else None
-        if axes_in and av is None:
-            _unsupported(ctx, node, "ReduceMean with non-constant axes")
-        axes = None if av is None or av.size == 0 else [int(a) for a in av.reshape(-1)]
-        if axes is None and ctx.attr("noop_with_empty_axes", 0):
-            return [gouts[0]]
-    else:
-        axes = ctx.attr("axes")
-        axes = list(axes) if axes else None
+    axes, noop = _constant_axes(ctx, node)
+    if noop:
+        return [gouts[0]]
     r = ctx.rank(x)
     red = list(range(r)) if axes is None else [ctx.norm_axis(a, r) for a in axes]
     dims = ctx.dims(x)
@@ -472,17 +479,9 @@ def vjp_reduce_log_sum_exp(ctx, node, gouts):
     # Read from X and Y, so the backward keeps X (a cross-entropy's logits) and no copy of it.
     x, y, g = node.input[0], node.output[0], gouts[0]
     keepdims = ctx.attr("keepdims", 1)
-    if ctx.opset >= 18:
-        axes_in = node.input[1] if len(node.input) > 1 and node.input[1] else None
-        av = ctx.const_value(axes_in) if axes_in else None
-        if axes_in and av is None:
-            _unsupported(ctx, node, "ReduceLogSumExp with non-constant axes")
-        axes = None if av is None or av.size == 0 else [int(a) for a in av.reshape(-1)]
-        if axes is None and ctx.attr("noop_with_empty_axes", 0):
-            _unsupported(ctx, node, "ReduceLogSumExp with noop_with_empty_axes")
-    else:
-        axes = ctx.attr("axes")
-        axes = list(axes) if axes else None
+    axes, noop = _constant_axes(ctx, node)
+    if noop:
+        _unsupported(ctx, node, "ReduceLogSumExp with noop_with_empty_axes")
     if not keepdims and axes is not None:  # reduced to rank 0 when axes is None: broadcasts as it is
         ax = ctx.ints([ctx.norm_axis(a, ctx.rank(x)) for a in axes])
         y, g = ctx.emit("Unsqueeze", [y, ax]), ctx.emit("Unsqueeze", [g, ax])
@@ -530,29 +529,18 @@ def vjp_log_softmax(ctx, node, gouts):
 def _scatter_into_zeros(ctx, g: str, axis: int, like: str):
     """(indices, updates) when ``g`` is exactly the GatherElements rule's scatter_add(zeros, I, U)
     along ``axis`` and I (so U) has ``like``'s dims off that axis; else None."""
-    n = ctx.producer.get(g)
-    if n is None or n.op_type != "ScatterElements":
+    found = zeros_scatter_add(ctx, g)
+    if found is None:
         return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-    if attrs.get("reduction") not in ("add", b"add"):
-        return None
+    idx, upd, at = found  # upd: a cotangent (untyped): it has the indices' shape, a forward value's
     r = ctx.rank(like)
-    if ctx.norm_axis(attrs.get("axis", 0), r) != ctx.norm_axis(axis, r):
+    if ctx.norm_axis(at, r) != ctx.norm_axis(axis, r) or idx not in ctx.types:
         return None
-    z = ctx.producer.get(n.input[0])
-    if z is None or z.op_type != "ConstantOfShape":
-        return None
-    value = next((helper.get_attribute_value(a) for a in z.attribute if a.name == "value"), None)
-    if value is None or np.any(numpy_helper.to_array(value) != 0):
-        return None
-    upd = n.input[2]  # a cotangent (untyped): it has the indices' shape, a forward value's
-    if n.input[1] not in ctx.types:
-        return None
-    du, dl = ctx.dims(n.input[1]), ctx.dims(like)
+    du, dl = ctx.dims(idx), ctx.dims(like)
     a = ctx.norm_axis(axis, r)
     if len(du) != r or any(du[i] != dl[i] or du[i] is None for i in range(r) if i != a):
         return None
-    return n.input[1], upd
+    return idx, upd
 
 
 def _layer_norm_grad_like(ctx, node, i):
