@@ -62,25 +62,41 @@ def node_steps(node: str, folder: Path, steps: int, batch: int, seq: int, thread
     return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]  # the first step has no predecessor
 
 
+def start_serve(node: str, args: list[str], wait: float = 20) -> tuple[subprocess.Popen, str | None]:
+    """hosts/web/serve.mjs with ``args`` on a free port (--port 0): the process and the URL it
+    prints as its first line (None when it printed none within ``wait`` seconds; the caller
+    reports that and stops the process). Shared with the page's tests."""
+    proc = subprocess.Popen([node, str(WEB / "serve.mjs"), *args, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first: list[str] = []
+    reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(wait)
+    ok = bool(first) and first[0].startswith("http://")
+    return proc, first[0].strip().split("?")[0] if ok else None
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class _Server:
     """hosts/web/serve.mjs on a free port, serving ``arts`` at /artifacts/."""
 
     def __init__(self, node: str, arts: Path):
-        self.proc = subprocess.Popen([node, str(WEB / "serve.mjs"), "--artifacts", str(arts), "--port", "0"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        first: list[str] = []
-        reader = threading.Thread(target=lambda: first.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(20)
-        if not first or not first[0].startswith("http://"):
+        self.proc, self.url = start_serve(node, ["--artifacts", str(arts)])
+        if self.url is None:
             self.close()
-            raise SystemExit(f"bench.hosts: serve.mjs did not start: {first!r} {self.proc.stderr.read()[-2000:]!r}")
-        self.url = first[0].strip().split("?")[0]
+            raise SystemExit(f"bench.hosts: serve.mjs did not start: {self.proc.stderr.read()[-2000:]!r}")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        stop_serve(self.proc)
 
 
 def page_steps(node: str, url: str, webgpu: bool) -> tuple[list[float], str]:

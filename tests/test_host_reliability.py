@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.hosts import start_serve
 from tests.test_node_host import CLI, node_host  # noqa: F401 (node_host is a fixture)
 from tests.test_web_host import NEEDED, STAMP, WEB, _npm_ci
 
@@ -333,16 +333,10 @@ def web_modules() -> Path:
 
 class Serve:
     def __init__(self, *args: str):
-        self.proc = subprocess.Popen(["node", str(WEB / "serve.mjs"), *args, "--port", "0"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(20)
-        if not line or not line[0].startswith("http://"):
+        self.proc, self.url = start_serve("node", list(args))
+        if self.url is None:
             _, err = self.stop()
-            raise AssertionError(f"serve.mjs printed no URL: {line!r}\n{err}")
-        self.url = line[0].strip().split("?")[0]
+            raise AssertionError(f"serve.mjs printed no URL\n{err}")
 
     def get(self, path: str) -> tuple[int, bytes]:
         try:

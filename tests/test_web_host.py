@@ -18,13 +18,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import runtimes
+from bench.hosts import start_serve, stop_serve
 from runtimes.data import dense_labels, encode, fixed_batches
 from tests.hf_util import tricky_text
 from tests.host_util import mulberry32, window_batches
@@ -103,27 +103,13 @@ class Server:
     """hosts/web/serve.mjs on a free port (--port 0); the URL is its first line of output."""
 
     def __init__(self, node: str, artifacts: Path, data: Path):
-        self.proc = subprocess.Popen(
-            [node, str(WEB / "serve.mjs"), "--artifacts", str(artifacts), "--data", str(data), "--port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(20)
-        if not line or not line[0].startswith("http://"):
+        self.proc, self.url = start_serve(node, ["--artifacts", str(artifacts), "--data", str(data)])
+        if self.url is None:  # http://127.0.0.1:PORT/ otherwise
             self.close()
-            raise AssertionError(f"serve.mjs did not print its URL: {line!r} {self.proc.stderr.read()!r}")
-        self.url = line[0].strip().split("?")[0]  # http://127.0.0.1:PORT/
+            raise AssertionError(f"serve.mjs did not print its URL: {self.proc.stderr.read()!r}")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_serve(self.proc)
 
 
 def page_text_batches(data: bytes, batch: int, seq: int, seed: int, n: int):
