@@ -221,11 +221,17 @@ class TorchGPT2:
         raise ValueError(f"labels must be integer (B,T) or float (B,T,V), got dtype {lab.dtype}")
 
     # ------------------------------------------------------------------ model
+    def _lora(self, x: torch.Tensor, layer: int, target: str, rows: slice | None = None) -> torch.Tensor | float:
+        """A LoRA adapter's term in ``target``'s output (Hugging Face module names; ``rows``: the
+        part of a fused c_attn output one head's q, k or v takes): none here, see torch_lora."""
+        return 0.0
+
     def _forward(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         p = self.params
         c = self.config
+        d = c["d_model"]
         n_heads = c["n_heads"]
-        d_head = c["d_model"] // n_heads
+        d_head = d // n_heads
         t = tok.shape[1]
         scale = 1.0 / math.sqrt(d_head)
         causal = torch.ones(t, t, dtype=torch.bool).tril()  # [i, j] True where j <= i
@@ -236,17 +242,20 @@ class TorchGPT2:
             a = layer_norm(x, p[h + "ln1_g"], p[h + "ln1_b"])
             heads = []
             for j in range(n_heads):
-                q = a @ p[h + "w_q"][j].T + p[h + "b_q"][j]
-                k = a @ p[h + "w_k"][j].T + p[h + "b_k"][j]
-                v = a @ p[h + "w_v"][j].T  # value bias is added after attention
+                def rows(third: int) -> slice:  # head j's rows of the fused q, k, v projection
+                    return slice(third * d + j * d_head, third * d + (j + 1) * d_head)
+                q = a @ p[h + "w_q"][j].T + p[h + "b_q"][j] + self._lora(a, layer, "c_attn", rows(0))
+                k = a @ p[h + "w_k"][j].T + p[h + "b_k"][j] + self._lora(a, layer, "c_attn", rows(1))
+                v = a @ p[h + "w_v"][j].T + self._lora(a, layer, "c_attn", rows(2))  # value bias added after attention
                 scores = (q @ k.transpose(-1, -2)) * scale
                 scores = scores.masked_fill(~causal, float("-inf"))
                 probs = torch.softmax(scores, dim=-1)
                 heads.append(probs @ v + p[h + "b_v"][j])
             concat = torch.cat(heads, dim=-1)
-            x = x + concat @ p[h + "w_o"].T + p[h + "b_o"]
+            x = x + concat @ p[h + "w_o"].T + p[h + "b_o"] + self._lora(concat, layer, "attn.c_proj")
             m = layer_norm(x, p[h + "ln2_g"], p[h + "ln2_b"])
-            x = x + gelu_tanh(m @ p[h + "fc_w"].T + p[h + "fc_b"]) @ p[h + "pr_w"].T + p[h + "pr_b"]
+            hidden = gelu_tanh(m @ p[h + "fc_w"].T + p[h + "fc_b"] + self._lora(m, layer, "mlp.c_fc"))
+            x = x + hidden @ p[h + "pr_w"].T + p[h + "pr_b"] + self._lora(hidden, layer, "mlp.c_proj")
         x = layer_norm(x, p["lnf_g"], p["lnf_b"])
         return x @ p["wte"].T
 

@@ -14,13 +14,12 @@ by ``torch.optim.AdamW`` over the adapters alone (TorchGPT2.train).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from .torch_gpt2 import TorchGPT2, gelu_tanh, layer_norm
+from .torch_gpt2 import TorchGPT2
 
 TARGETS = ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -56,36 +55,9 @@ class TorchGPT2LoRA(TorchGPT2):
         return {n: t.detach().numpy().copy() for n, t in self.params.items() if n not in self.names}
 
     def _lora(self, x: torch.Tensor, layer: int, target: str, rows: slice | None = None) -> torch.Tensor | float:
+        """(x A^T) B^T * alpha/r for the adapter on ``target`` (TorchGPT2's forward adds it)."""
         ab = self.adapters.get((layer, target))
         if ab is None:
             return 0.0
         b = ab["B"] if rows is None else ab["B"][rows]
         return ((x @ ab["A"].T) @ b.T) * self.scale
-
-    def _forward(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        p, c = self.params, self.config
-        d, n_heads = c["d_model"], c["n_heads"]
-        dh = d // n_heads
-        t = tok.shape[1]
-        scale = 1.0 / math.sqrt(dh)
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
-        x = p["wte"][tok] + p["wpe"][pos]
-        for layer in range(c["n_layers"]):
-            h = f"h{layer}."
-            a = layer_norm(x, p[h + "ln1_g"], p[h + "ln1_b"])
-            heads = []
-            for j in range(n_heads):
-                def rows(third: int) -> slice:
-                    return slice(third * d + j * dh, third * d + (j + 1) * dh)
-                q = a @ p[h + "w_q"][j].T + p[h + "b_q"][j] + self._lora(a, layer, "c_attn", rows(0))
-                k = a @ p[h + "w_k"][j].T + p[h + "b_k"][j] + self._lora(a, layer, "c_attn", rows(1))
-                v = a @ p[h + "w_v"][j].T + self._lora(a, layer, "c_attn", rows(2))
-                scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf"))
-                heads.append(torch.softmax(scores, dim=-1) @ v + p[h + "b_v"][j])
-            concat = torch.cat(heads, dim=-1)
-            x = x + concat @ p[h + "w_o"].T + p[h + "b_o"] + self._lora(concat, layer, "attn.c_proj")
-            m = layer_norm(x, p[h + "ln2_g"], p[h + "ln2_b"])
-            hidden = gelu_tanh(m @ p[h + "fc_w"].T + p[h + "fc_b"] + self._lora(m, layer, "mlp.c_fc"))
-            x = x + hidden @ p[h + "pr_w"].T + p[h + "pr_b"] + self._lora(hidden, layer, "mlp.c_proj")
-        x = layer_norm(x, p["lnf_g"], p["lnf_b"])
-        return x @ p["wte"].T
