@@ -63,6 +63,13 @@ def _check_schema(mpath, manifest: dict) -> None:
         )
 
 
+def _is_param_entry(p) -> bool:
+    """A parameters or frozen.parameters entry: {name: str, shape: [positive ints], dtype: "float32"}."""
+    return (isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in p["shape"])
+            and p.get("dtype") == "float32")
+
+
 def check_structure(mpath, manifest: dict) -> None:
     """Structure and internal consistency: what every runner relies on before opening a model.
 
@@ -98,9 +105,7 @@ def check_structure(mpath, manifest: dict) -> None:
         bad(f"hp is {hp.get('dtype')!r}[{hp.get('length')!r}] {hp.get('layout')!r}, this runner feeds float32[7] {list(HP_LAYOUT)}")
     names = set()
     for i, p in enumerate(manifest["parameters"]):
-        if (not isinstance(p, dict) or not isinstance(p.get("name"), str) or not isinstance(p.get("shape"), list)
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in p["shape"])
-                or p.get("dtype") != "float32"):
+        if not _is_param_entry(p):
             bad(f"parameters[{i}] = {p!r} is not {{name, shape: [positive ints], dtype: 'float32'}}")
         if p["name"] in names:
             bad(f"parameter {p['name']!r} is listed twice")
@@ -184,9 +189,7 @@ def _check_frozen(manifest: dict, names: set, bad) -> None:
     if not isinstance(params, list) or not params:
         bad(f"frozen.parameters = {params!r}, expected a non-empty list of {{name, shape, dtype}}")
     for i, p in enumerate(params):
-        if (not isinstance(p, dict) or not isinstance(p.get("name"), str) or not isinstance(p.get("shape"), list)
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in p["shape"])
-                or p.get("dtype") != "float32"):
+        if not _is_param_entry(p):
             bad(f"frozen.parameters[{i}] = {p!r} is not {{name, shape: [positive ints], dtype: 'float32'}}")
         if p["name"] in names:
             bad(f"{p['name']!r} is both a parameter and a frozen input")
