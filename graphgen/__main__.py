@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import INIT_MODES, LABEL_MODES, PRESETS, ConfigError, GPT2Config
-from .recompute import AUTO_CONTEXT, KINDS as RECOMPUTE_KINDS
+from .recompute import AUTO_CONTEXT, KINDS as RECOMPUTE_KINDS, checked_kinds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,9 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.recompute != "auto":
             return _fail(f"--recompute-attention is --recompute attention; --recompute {args.recompute} says otherwise")
         recompute = ["attention"]
+    elif args.recompute == "none":
+        recompute = []
     elif args.recompute != "auto":
-        recompute = [] if args.recompute == "none" else [k.strip() for k in args.recompute.split(",")]
-        if args.recompute != "none" and (not recompute or any(k not in RECOMPUTE_KINDS for k in recompute)):
+        try:
+            recompute = checked_kinds([k.strip() for k in args.recompute.split(",")])
+        except ValueError:
             return _fail(f"--recompute {args.recompute!r}: give auto, none, or a comma-separated list of "
                          f"{', '.join(RECOMPUTE_KINDS)}")
     lora = None

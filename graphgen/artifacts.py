@@ -41,7 +41,7 @@ from .init import init_weights
 from .lora import init_adapters
 from .model import build_forward_logits, build_forward_loss
 from .in_place import parameters_updatable_in_place
-from .recompute import KINDS as RECOMPUTE_KINDS, default_recompute, recompute as recompute_pass
+from .recompute import checked_kinds, default_recompute, recompute as recompute_pass
 from .ort_training_set import training_set_available, write_training_set
 from .train_step import build_apply_step, build_grad_step, build_train_step
 
@@ -137,7 +137,7 @@ def build_artifacts(cfg: GPT2Config, out: Path, log=print, force: bool = False, 
 
         if recompute is None:
             recompute = ["attention"] if recompute_attention else default_recompute(cfg.context)
-        recompute = [k for k in RECOMPUTE_KINDS if k in recompute] + [k for k in recompute if k not in RECOMPUTE_KINDS]
+        recompute = checked_kinds(recompute)
         frozen = tuple(base)
         loss_graph = build_forward_loss(cfg, lora=lora)
         train_step = recompute_pass(build_train_step(loss_graph, list(weights), frozen=frozen), recompute)

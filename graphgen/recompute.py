@@ -45,11 +45,18 @@ def default_recompute(context: int) -> list[str]:
     return list(KINDS) if context >= AUTO_CONTEXT else []
 
 
-def recompute(model: onnx.ModelProto, kinds) -> onnx.ModelProto:
-    """``model`` with the backward recomputing each of ``kinds`` (see KINDS; in place; returned)."""
+def checked_kinds(kinds) -> list[str]:
+    """``kinds`` in KINDS' order, each once (as the manifest records them); ValueError naming any
+    that is not one of KINDS."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ValueError(f"recompute: unknown {unknown}; choose from {list(KINDS)}")
+    return [k for k in KINDS if k in kinds]
+
+
+def recompute(model: onnx.ModelProto, kinds) -> onnx.ModelProto:
+    """``model`` with the backward recomputing each of ``kinds`` (see KINDS; in place; returned)."""
+    kinds = checked_kinds(kinds)
     if "attention" in kinds:
         recompute_attention(model)
     if "gelu" in kinds:
