@@ -206,7 +206,7 @@ def build(config: str, folder: Path, env: dict, reuse: bool, log, recompute: boo
     if recompute:
         cmd.append("--recompute-attention")
     if lora:
-        cmd += ["--lora-rank", str(LORA_RANK), "--force"]
+        cmd += ["--lora-rank", str(LORA_RANK)]
     rc, wall, rss, tail = _run_measured(cmd, env, log)
     if rc != 0:
         raise SystemExit(f"`{' '.join(cmd)}` failed (exit {rc}):\n{tail}")
